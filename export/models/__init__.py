@@ -1,0 +1,1 @@
+"""Model declarations. Each module defines one `ModelSpec`; heavy imports stay inside factories."""

@@ -1,0 +1,106 @@
+"""The built-in default model: a small CNN trained on scikit-learn's bundled 8x8 digits.
+
+Inputs are 1x8x8 ink intensities in [0, 1] (0 = background). The data set's 0..16 values are
+quantised to 8-bit grey levels first, so a PNG of an image and its JSON array reach the model as the
+same tensor.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.spec import ModelSpec, PreparedModel
+
+SEED = 0
+TEST_FRACTION = 0.2
+EPOCHS = 40
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.classifier(self.features(x))
+        return out
+
+
+def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed train/test split as 8-bit grey images (N, 8, 8) uint8 and integer labels."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=TEST_FRACTION, random_state=SEED, stratify=digits.target
+    )
+    return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
+
+
+def train() -> PreparedModel:
+    x_train, y_train, x_test, y_test = load_split()
+    torch.manual_seed(SEED)
+    generator = torch.Generator().manual_seed(SEED)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xs, ys = to_tensor(x_train), torch.from_numpy(y_train)
+    for _ in range(EPOCHS):
+        order = torch.randperm(len(xs), generator=generator)
+        for start in range(0, len(xs), 64):
+            idx = order[start : start + 64]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xs[idx]), ys[idx]).backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+    model.eval()
+    held_out = to_tensor(x_test)
+    with torch.inference_mode():
+        accuracy = (model(held_out).argmax(1).numpy() == y_test).mean().item()
+    return PreparedModel(
+        extra_files={"examples.json": examples(x_test[:4], y_test[:4])},
+        module=model,
+        example_inputs=(held_out[:8],),
+        check_inputs=(held_out,),
+        labels=[str(d) for d in range(10)],
+        metrics={"test_accuracy": round(accuracy, 4), "test_images": float(len(y_test))},
+    )
+
+
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def examples(images: np.ndarray, labels: np.ndarray) -> bytes:
+    """Example requests stored in the archive (for `make predict` and deploy smoke tests)."""
+    cases = [{"input": {"data": base64.b64encode(png(img)).decode()}, "expect": {"label": str(int(y))}}
+             for img, y in zip(images, labels, strict=True)]
+    return json.dumps(cases, indent=1).encode()
+
+
+SPEC = ModelSpec(
+    name="digits",
+    revision=1,
+    factory=train,
+    handler="handlers/digits_handler.py",
+    description="CNN on scikit-learn's 8x8 digits (the default model)",
+)

@@ -1,0 +1,62 @@
+"""The declaration of an exportable model and the result of exporting it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+class ExportError(RuntimeError):
+    """Export refused: the traced program does not reproduce the eager model."""
+
+
+@dataclass
+class PreparedModel:
+    """What a factory hands back: a ready eager module and the inputs that exercise it.
+
+    `example_inputs` is used for tracing; `check_inputs` (held-out data) for the parity check.
+    `metrics` holds figures measured by the factory itself, such as test accuracy.
+    """
+
+    module: torch.nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    check_inputs: tuple[torch.Tensor, ...] | None = None
+    labels: list[str] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model declared for export and archiving.
+
+    name:       archive and endpoint name (`/predictions/<name>`)
+    revision:   the model's own revision; the archive version is `<project version>-r<revision>`
+    factory:    builds (or trains) the eager module and its example inputs; heavy imports go inside it
+    handler:    the handler file that serves it, relative to the project root
+    tolerance:  largest allowed max-abs difference between eager and traced outputs
+    freeze:     run `torch.jit.freeze` on the traced module (folds weights as constants)
+    """
+
+    name: str
+    revision: int
+    factory: Callable[[], PreparedModel]
+    handler: str
+    tolerance: float = 1e-5
+    freeze: bool = False
+    strict_trace: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    model: str
+    revision: int
+    torchscript_file: str
+    parity_max_abs_diff: float
+    tolerance: float
+    input_shapes: list[list[int]]
+    metrics: dict[str, float]
+    torch_version: str

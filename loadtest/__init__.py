@@ -1,0 +1,1 @@
+"""Load tests and benchmarks against a running TorchServe."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: built archives, the digits split, and real TorchServe instances on free ports."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.models.digits import load_split
+from tsforge.server import TorchServe, free_port_overrides, model_args
+
+ROOT = Path(__file__).resolve().parent.parent
+STORE = ROOT / "model_store"
+BUILD = ROOT / "build"
+DEV_CONFIG = ROOT / "config" / "config.properties"
+
+StartServer = Callable[..., TorchServe]
+
+
+def built_archive(name: str) -> Path:
+    """The archive for `name`, (re)built through the Makefile so tests use what users get."""
+    subprocess.run(["make", "-s", f"model_store/{name}.mar", f"MODELS={name}"], cwd=ROOT, check=True)
+    return STORE / f"{name}.mar"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return load_split()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """Start a real TorchServe on free loopback ports; every one started is stopped at the end."""
+    servers: list[TorchServe] = []
+
+    def start(models: Sequence[str], *, store: Path = STORE, config: Path = DEV_CONFIG,
+              overrides: dict[str, str] | None = None, snapshots: bool = False,
+              run_dir: Path | None = None, wait: bool = True) -> TorchServe:
+        server = TorchServe(config=config, run_dir=run_dir or tmp_path_factory.mktemp("torchserve"),
+                            model_store=store, models=model_args(models),
+                            overrides={**free_port_overrides(), **(overrides or {})}, snapshots=snapshots)
+        servers.append(server)
+        server.start()
+        if wait:
+            server.wait_ready(list(models), timeout=240)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_server(start_server: StartServer) -> TorchServe:
+    built_archive("digits")
+    return start_server(["digits"])

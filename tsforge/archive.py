@@ -1,0 +1,145 @@
+"""Package an exported model into `model_store/<name>.mar` with its handler and a version file.
+
+    python -m tsforge.archive digits [--version 2.0] [--config config/models/digits.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from export.registry import MODELS, get
+from export.spec import ModelSpec
+from handlers.provenance import VERSION_FILE, hash_files
+from tsforge.project import ROOT, archive_version, git_state, project_version
+
+HANDLER_PACKAGE = "handlers"
+OPTIONAL_EXPORT_FILES = ("index_to_name.json", "export.json", "examples.json")
+
+
+@dataclass(frozen=True)
+class ArchivePlan:
+    spec: ModelSpec
+    version: str
+    export_dir: Path
+    config_file: Path
+    store: Path
+    archive_name: str
+
+    @property
+    def stage(self) -> Path:
+        return self.export_dir / "stage"
+
+    @property
+    def mar(self) -> Path:
+        return self.store / f"{self.archive_name}.mar"
+
+
+def plan(name: str, *, version: str | None = None, build_dir: Path = ROOT / "build",
+         store: Path = ROOT / "model_store", config_file: Path | None = None,
+         archive_name: str | None = None) -> ArchivePlan:
+    spec = get(name)
+    return ArchivePlan(
+        spec=spec,
+        version=version or archive_version(spec.revision),
+        export_dir=build_dir / name,
+        config_file=config_file or ROOT / "config" / "models" / f"{name}.yaml",
+        store=store,
+        archive_name=archive_name or name,
+    )
+
+
+def stage(p: ArchivePlan) -> list[str]:
+    """Copy everything that goes into the archive into one folder; returns the extra-file names."""
+    weights = p.export_dir / f"{p.spec.name}.pt"
+    if not weights.is_file():
+        raise SystemExit(f"{weights} is missing: run `make export MODEL={p.spec.name}` first")
+    if not p.config_file.is_file():
+        raise SystemExit(f"model config {p.config_file} is missing")
+    shutil.rmtree(p.stage, ignore_errors=True)
+    package = p.stage / HANDLER_PACKAGE
+    package.mkdir(parents=True)
+    for module in sorted((ROOT / HANDLER_PACKAGE).glob("*.py")):
+        shutil.copy2(module, package / module.name)
+    handler = ROOT / p.spec.handler
+    shutil.copy2(handler, p.stage / handler.name)
+    shutil.copy2(weights, p.stage / weights.name)
+    shutil.copy2(p.config_file, p.stage / "model-config.yaml")
+    extras = [n for n in OPTIONAL_EXPORT_FILES if (p.export_dir / n).is_file()]
+    for name in extras:
+        shutil.copy2(p.export_dir / name, p.stage / name)
+    return extras
+
+
+def write_version_file(p: ArchivePlan, extras: list[str]) -> dict[str, object]:
+    hashed = [
+        f"{p.spec.name}.pt",
+        Path(p.spec.handler).name,
+        "model-config.yaml",
+        *extras,
+        *(f"{HANDLER_PACKAGE}/{m.name}" for m in sorted((p.stage / HANDLER_PACKAGE).glob("*.py"))),
+    ]
+    git = git_state()
+    record: dict[str, object] = {
+        "model": p.spec.name,
+        "version": p.version,
+        "project_version": project_version(),
+        "model_revision": p.spec.revision,
+        "git_commit": git.commit,
+        "git_dirty": git.dirty,
+        "torch": torch.__version__,
+        "files": hash_files(p.stage, hashed),
+    }
+    (p.stage / VERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def build(p: ArchivePlan) -> Path:
+    extras = stage(p)
+    write_version_file(p, extras)
+    p.store.mkdir(parents=True, exist_ok=True)
+    script = Path(sys.executable).with_name("torch-model-archiver")
+    archiver = [str(script)] if script.is_file() else [sys.executable, "-m", "model_archiver.model_packaging"]
+    command = [
+        *archiver,
+        "--model-name", p.archive_name,
+        "--version", p.version,
+        "--serialized-file", str(p.stage / f"{p.spec.name}.pt"),
+        "--handler", str(p.stage / Path(p.spec.handler).name),
+        # A folder given as extra file is copied with its layout: the stage is the archive's root.
+        "--extra-files", str(p.stage),
+        "--config-file", str(p.stage / "model-config.yaml"),
+        "--export-path", str(p.store),
+        "--force",
+    ]
+    subprocess.run(command, check=True)
+    return p.mar
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tsforge.archive", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help=f"declared models: {', '.join(sorted(MODELS))}")
+    parser.add_argument("--version", help="override the archive version (default: <project>-r<revision>)")
+    parser.add_argument("--config", type=Path, help="model-config.yaml to package (default: config/models/NAME.yaml)")
+    parser.add_argument("--store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--build-dir", type=Path, default=ROOT / "build")
+    parser.add_argument("--archive-name", help="file name in the store, without .mar (default: NAME)")
+    args = parser.parse_args(argv)
+    for name in args.models:
+        p = plan(name, version=args.version, build_dir=args.build_dir, store=args.store,
+                 config_file=args.config, archive_name=args.archive_name)
+        mar = build(p)
+        print(f"archived {name} {p.version} -> {mar.relative_to(ROOT) if mar.is_relative_to(ROOT) else mar}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
