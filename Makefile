@@ -27,7 +27,7 @@ GIT_STATE := $(BUILD)/git-state
 _state := $(shell git rev-parse HEAD 2>/dev/null || echo unknown) $(shell test -n "$$(git status --porcelain -- handlers export config pyproject.toml 2>/dev/null)" && echo dirty || echo clean)
 $(shell mkdir -p $(BUILD); [ "$$(cat $(GIT_STATE) 2>/dev/null)" = "$(_state)" ] || echo "$(_state)" > $(GIT_STATE))
 
-.PHONY: help install export archive serve stop status predict test lint clean
+.PHONY: help install export archive serve stop status predict grpc test lint clean
 
 help: ## List every target and the variables they take
 	@echo "usage: make TARGET [MODEL=digits] [MODELS='digits'] [PROFILE=dev]"
@@ -65,6 +65,9 @@ status: | $(INSTALLED) ## Say whether TorchServe runs
 predict: | $(INSTALLED) ## Send MODEL's example inputs to the running server and print the answers
 	$(PY) -m tsforge.predict $(MODEL) --config $(CONFIG)
 
+grpc: | $(INSTALLED) ## Generate gRPC stubs from the protos inside TorchServe's frontend jar (build/grpc)
+	$(PY) -m tsforge.grpc_stubs
+
 test: $(ARCHIVES) ## Run the test suite (builds what it needs first)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -74,3 +77,9 @@ lint: | $(INSTALLED) ## ruff and mypy
 
 clean: stop ## Remove built files (exports, archives, reports); keeps .venv
 	rm -rf $(BUILD) $(REPORTS) $(STORE)/*.mar
+
+# ---- handlers (image, text, tensor examples) ----
+
+# ---- load tests, benchmarks, tuner ----
+
+# ---- operations: versions, rollout, gRPC, Open Inference Protocol, metrics ----
