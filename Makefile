@@ -37,8 +37,7 @@ install: $(INSTALLED) ## Create the virtual environment in .venv (idempotent)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# CPU-usable builds that pip finds locally; torchvision needs this exact pair.
+	# torchvision 0.29.1 needs exactly torch 2.14.1 (it runs on CPU and GPU alike).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev,loadtest]'
 	touch $@
@@ -80,6 +79,85 @@ clean: stop ## Remove built files (exports, archives, reports); keeps .venv
 
 # ---- handlers (image, text, tensor examples) ----
 
+# The digits CNN served through the generic image handler (a real-label check of handlers/image_handler.py).
+$(STORE)/digits_image.mar: $(BUILD)/digits/export.json $(HANDLER_SOURCES) config/models/digits_image.yaml $(GIT_STATE) pyproject.toml
+	$(PY) -m tsforge.archive digits --model-name digits_image --handler handlers/image_handler.py \
+		--config config/models/digits_image.yaml --build-dir $(BUILD) --store $(STORE)
+
+.PHONY: images
+images: $(STORE)/resnet18.mar $(STORE)/resnet50.mar $(STORE)/digits_image.mar ## Build the image-classifier archives (resnet18, resnet50, digits_image)
+
+.PHONY: text-tensor
+text-tensor: $(STORE)/minilm.mar $(STORE)/digits_tensor.mar ## Build the text-embedding (minilm) and tensor (digits_tensor) archives
+
 # ---- load tests, benchmarks, tuner ----
+# Variables: USERS, SPAWN_RATE, DURATION (s), PROTOCOL (rest|grpc) for loadtest; LEVELS (concurrency list) and
+# DURATION (s per level) for bench, whose model is resnet18 unless MODEL is given; P99_MS, BUDGET (s) for tune.
+USERS      ?= 16
+SPAWN_RATE ?= 16
+DURATION   ?= 20
+PROTOCOL   ?= rest
+LEVELS     ?= 1,4,16
+P99_MS     ?= 100
+BUDGET     ?= 300
+LOADTEST_ARGS ?=# extra options, e.g. --tool loadgen, --mislabel-every 4
+BENCH_ARGS ?=# extra options, e.g. --targets tsforge,flask
+TUNE_ARGS  ?=# extra options, e.g. --batch-sizes 4,8,16 --threads 1 --apply
+BENCH_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),resnet18)
+
+.PHONY: loadtest bench tune benchmarks-doc
+
+loadtest: $(STORE)/$(MODEL).mar ## Headless locust run on MODEL (USERS, SPAWN_RATE, DURATION, PROTOCOL) -> reports/loadtest/
+	$(PY) -m loadtest.run --model $(MODEL) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+		--protocol $(PROTOCOL) --out $(REPORTS)/loadtest/$(MODEL)-$(PROTOCOL) $(LOADTEST_ARGS)
+
+bench: $(STORE)/$(BENCH_MODEL).mar ## tsforge vs stock handler vs Flask vs in-process ceiling (LEVELS, DURATION) -> reports/bench/
+	$(PY) -m loadtest.bench --model $(BENCH_MODEL) --levels $(LEVELS) --duration $(DURATION) \
+		--out $(REPORTS)/bench/$(BENCH_MODEL) $(BENCH_ARGS)
+
+tune: $(STORE)/$(MODEL).mar ## Sweep workers x batch x delay x threads under P99_MS within BUDGET s -> reports/tune/
+	$(PY) -m loadtest.tune --model $(MODEL) --p99-ms $(P99_MS) --budget $(BUDGET) --out $(REPORTS)/tune/$(MODEL) $(TUNE_ARGS)
+
+BENCH_STATUS ?=# a note shown atop docs/benchmarks.md: where and how its numbers were taken
+
+benchmarks-doc: | $(INSTALLED) ## Render docs/benchmarks.md from the bench and tune reports (BENCH_STATUS=note)
+	$(PY) -m loadtest.render --bench $(wildcard $(REPORTS)/bench/*/bench.json) \
+		--tune $(wildcard $(REPORTS)/tune/*/tune.json) --status "$(BENCH_STATUS)"
 
 # ---- operations: versions, rollout, gRPC, Open Inference Protocol, metrics ----
+# A second version of MODEL: `make archive MODEL=digits VERSION=2.0` -> model_store/digits-2.0.mar (the model
+# inside is still named digits, so it registers as version 2.0 of digits).
+VERSION ?=
+TO ?=
+ifneq ($(strip $(VERSION)),)
+VERSIONED_ARCHIVE := $(STORE)/$(MODEL)-$(strip $(VERSION)).mar
+archive: $(VERSIONED_ARCHIVE)
+$(VERSIONED_ARCHIVE): $(BUILD)/$(MODEL)/export.json $(HANDLER_SOURCES) config/models/$(MODEL).yaml $(GIT_STATE) pyproject.toml
+	$(PY) -m tsforge.archive $(MODEL) --version $(strip $(VERSION)) --archive-name $(MODEL)-$(strip $(VERSION)) \
+		--build-dir $(BUILD) --store $(STORE)
+endif
+
+.PHONY: verify deploy rollback undeploy deploy-status predict-grpc metrics
+
+verify: | $(INSTALLED) ## Check every archive in the store against its version file (offline)
+	$(PY) -m tsforge.verify --store $(STORE)
+
+deploy: $(VERSIONED_ARCHIVE) | $(INSTALLED) ## Roll MODEL out to VERSION: register, smoke-test, make default
+	@test -n "$(strip $(VERSION))" || { echo "usage: make deploy MODEL=digits VERSION=2.0"; exit 2; }
+	$(PY) -m tsforge.deploy deploy $(MODEL) $(strip $(VERSION)) --run-dir $(RUN_DIR) --store $(STORE)
+
+rollback: | $(INSTALLED) ## Make MODEL's previous default version the default again (TO=VERSION to pick one)
+	$(PY) -m tsforge.deploy rollback $(MODEL) --run-dir $(RUN_DIR) $(if $(strip $(TO)),--to $(strip $(TO)))
+
+undeploy: | $(INSTALLED) ## Unregister VERSION of MODEL (refused while it is the default)
+	@test -n "$(strip $(VERSION))" || { echo "usage: make undeploy MODEL=digits VERSION=1.0"; exit 2; }
+	$(PY) -m tsforge.deploy undeploy $(MODEL) $(strip $(VERSION)) --run-dir $(RUN_DIR)
+
+deploy-status: | $(INSTALLED) ## MODEL's registered versions, the default, workers and deploy history
+	$(PY) -m tsforge.deploy status $(MODEL) --run-dir $(RUN_DIR)
+
+predict-grpc: | $(INSTALLED) ## Send MODEL's example inputs over gRPC (TorchServe's own protos)
+	$(PY) -m tsforge.grpc_client predict $(MODEL) --run-dir $(RUN_DIR) $(if $(strip $(VERSION)),--version $(strip $(VERSION)))
+
+metrics: | $(INSTALLED) ## Health, per-model readiness and the important Prometheus metrics
+	$(PY) -m tsforge.metrics --run-dir $(RUN_DIR)

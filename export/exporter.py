@@ -75,6 +75,7 @@ def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None 
         input_shapes=[list(t.shape) for t in prepared.example_inputs],
         metrics=prepared.metrics,
         torch_version=torch.__version__,
+        extra_files=sorted(prepared.extra_files),
     )
     (out_dir / "export.json").write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
     if prepared.labels is not None:

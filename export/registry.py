@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from export.models import digits
+from export.models import digits, digits_tensor, minilm, resnet
 from export.spec import ModelSpec
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (digits.SPEC,)}
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    digits.SPEC, digits_tensor.SPEC, minilm.SPEC,
+    resnet.RESNET18, resnet.RESNET50,
+)}
 
 
 def get(name: str) -> ModelSpec:

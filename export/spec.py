@@ -60,3 +60,4 @@ class ExportReport:
     input_shapes: list[list[int]]
     metrics: dict[str, float]
     torch_version: str
+    extra_files: list[str] = field(default_factory=list)

@@ -23,12 +23,22 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers import oip, provenance
 from handlers.errors import InvalidInput, RequestError, internal_error_body
 from handlers.payload import extract, parse_json_bytes
 from handlers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
+# How a request is answered: False -> its one encoded item; True -> {"predictions": [...]} (KServe v1
+# "instances"); an InferRequest -> an Open Inference Protocol (KServe v2) response.
+Reply = bool | oip.InferRequest
+#: response header that names the archive version which answered (HTTP only: gRPC has no headers here)
+VERSION_HEADER = "X-Model-Version"
+
+
+class ArchiveIntegrityError(RuntimeError):
+    """The unpacked archive differs from its version file: tampered, or files of two versions mixed."""
 
 
 class BatchHandler(BaseHandler):  # type: ignore[misc]
@@ -48,10 +58,11 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
             str(self.config.get("precision", self.default_precision))
         ]
         self.channels_last = bool(self.config.get("channels_last", False))
+        self.version = self.check_archive()
         self.telemetry = Telemetry(context)
         self.setup()
         self.initialized = True
-        log.info("%s ready on %s (%s, threads=%d)", type(self).__name__, self.device, self.dtype,
+        log.info("%s %s ready on %s (%s, threads=%d)", type(self).__name__, self.version, self.device, self.dtype,
                  torch.get_num_threads())
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -78,24 +89,43 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         """One result row to a JSON-serialisable value."""
         raise NotImplementedError
 
+    def decode_v2(self, request: oip.InferRequest) -> list[Any]:
+        """A v2 request's items: by default one input tensor whose slices along the first axis (or BYTES
+        elements: base64 or text) each go through `decode`."""
+        tensor = request.only_input()
+        decoded = []
+        for n, item in enumerate(tensor.items()):
+            try:
+                decoded.append(self.decode(item))
+            except RequestError as exc:
+                raise type(exc)(f"input {tensor.name!r} item {n}: {exc.message}") from None
+        return decoded
+
+    def encode_v2(self, rows: Sequence[Any]) -> list[dict[str, Any]]:
+        """The v2 "outputs" for a request's result rows: by default the stacked model output, named by
+        `handler.v2_output` (default "output"), plus "label" when the handler has one label per score."""
+        return oip.tensor_outputs(rows, str(self.config.get("v2_output", "output")), getattr(self, "labels", None))
+
     # ---- the TorchServe entry point ----------------------------------------------------------
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         self.context = context
         responses: list[bytes | None] = [None] * len(data)
-        groups: list[tuple[int, int, bool]] = []  # (request index, item count, answer as a list)
+        groups: list[tuple[int, int, Reply]] = []  # (request index, item count, answer form)
         items: list[Any] = []
         started = time.perf_counter()
         for idx, row in enumerate(data):
+            payload: Any = None
             try:
-                decoded, many = self._decode_request(row)
+                payload = self._payload(row)
+                decoded, reply = self._decode_request(payload)
             except RequestError as exc:
-                responses[idx] = self._reject(idx, exc)
+                responses[idx] = self._reject(idx, exc, payload)
                 continue
             except Exception as exc:  # a decoder bug must not fail the batch: answer 500 for this row
                 log.exception("decode failed for request %d", idx)
-                responses[idx] = self._fail(idx, exc)
+                responses[idx] = self._fail(idx, exc, payload)
                 continue
-            groups.append((idx, len(decoded), many))
+            groups.append((idx, len(decoded), reply))
             items.extend(decoded)
         decoded_at = time.perf_counter()
         if items:
@@ -103,21 +133,28 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
                 rows = self._infer_rows(items)
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(items))
-                for idx, _, _ in groups:
-                    responses[idx] = self._fail(idx, exc)
+                for idx, _, reply in groups:
+                    responses[idx] = self._fail(idx, exc, reply)
                 rows = None
             inferred_at = time.perf_counter()
             if rows is not None:
                 self._answer(groups, rows, responses)
             self.telemetry.batch(len(items), decoded_at - started, inferred_at - decoded_at,
                                  time.perf_counter() - inferred_at)
+        for idx in range(len(data)):
+            context.set_response_header(idx, VERSION_HEADER, self.version)
         return [r if r is not None else b"{}" for r in responses]
 
     # ---- internals ---------------------------------------------------------------------------
-    def _decode_request(self, row: dict[str, Any]) -> tuple[list[Any], bool]:
+    @staticmethod
+    def _payload(row: dict[str, Any]) -> Any:
         payload = extract(row)
-        if isinstance(payload, (bytes, bytearray)):
-            payload = parse_json_bytes(payload)
+        return parse_json_bytes(payload) if isinstance(payload, (bytes, bytearray)) else payload
+
+    def _decode_request(self, payload: Any) -> tuple[list[Any], Reply]:
+        if oip.is_infer_request(payload):
+            request = oip.parse_request(payload)
+            return self.decode_v2(request), request
         if isinstance(payload, dict) and "instances" in payload:
             instances = payload["instances"]
             if not isinstance(instances, list) or not instances:
@@ -142,30 +179,37 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
             return list(output.unbind(0))
         return list(output)
 
-    def _answer(self, groups: list[tuple[int, int, bool]], rows: Sequence[Any], out: list[bytes | None]) -> None:
+    def _answer(self, groups: list[tuple[int, int, Reply]], rows: Sequence[Any], out: list[bytes | None]) -> None:
         cursor = 0
-        for idx, count, many in groups:
+        for idx, count, reply in groups:
+            chunk = rows[cursor : cursor + count]
             try:
-                encoded = [self.encode(r) for r in rows[cursor : cursor + count]]
-                body = {"predictions": encoded} if many else encoded[0]
+                if isinstance(reply, oip.InferRequest):
+                    body = oip.response(reply, self.encode_v2(chunk), self.context, idx)
+                else:
+                    encoded = [self.encode(r) for r in chunk]
+                    body = {"predictions": encoded} if reply else encoded[0]
                 out[idx] = json.dumps(body).encode()
                 self.context.set_response_content_type(idx, JSON)
+            except RequestError as exc:
+                out[idx] = self._reject(idx, exc, reply)
             except Exception as exc:
                 log.exception("encode failed for request %d", idx)
-                out[idx] = self._fail(idx, exc)
+                out[idx] = self._fail(idx, exc, reply)
             cursor += count
 
-    def _reject(self, idx: int, exc: RequestError) -> bytes:
+    def _reject(self, idx: int, exc: RequestError, request: Any = None) -> bytes:
+        """The 4xx answer; `request` (the payload or its reply form) makes it a v2 answer for v2 requests."""
         self.context.set_response_status(exc.status, exc.phrase, idx)
         self.context.set_response_content_type(idx, JSON)
         self.telemetry.error(exc.kind)
-        return json.dumps(exc.to_json()).encode()
+        return oip.error_answer(json.dumps(exc.to_json()).encode(), request, self.context, idx)
 
-    def _fail(self, idx: int, exc: BaseException) -> bytes:
+    def _fail(self, idx: int, exc: BaseException, request: Any = None) -> bytes:
         self.context.set_response_status(500, "Internal Server Error", idx)
         self.context.set_response_content_type(idx, JSON)
         self.telemetry.error("internal_error")
-        return internal_error_body(exc)
+        return oip.error_answer(internal_error_body(exc), request, self.context, idx)
 
     def _pick_device(self, properties: dict[str, Any]) -> torch.device:
         gpu_id = properties.get("gpu_id")
@@ -179,6 +223,17 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
             workers = int((context.model_yaml_config or {}).get("maxWorkers") or 1)
             threads = max(1, (os.cpu_count() or 1) // max(1, workers))
         torch.set_num_threads(int(threads))
+
+    def check_archive(self) -> str:
+        """The archive's version; refuses to load (raises) when a file differs from `version.json`."""
+        manifest_version = ((self.context.manifest or {}).get("model") or {}).get("modelVersion")
+        found = provenance.problems(self.model_dir, manifest_version)
+        if found:
+            message = (f"refusing to load {getattr(self.context, 'model_name', '?')}: the archive does not match "
+                       f"its {provenance.VERSION_FILE}: " + "; ".join(found))
+            log.error(message)
+            raise ArchiveIntegrityError(message)
+        return str(provenance.read(self.model_dir)["version"])
 
     def load_torchscript(self) -> torch.jit.ScriptModule:
         manifest = self.context.manifest or {}

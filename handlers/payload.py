@@ -111,6 +111,8 @@ def as_bytes(value: Any) -> bytes:
         # Base64 sent as a binary body (curl --data-binary @photo.b64): no binary format is pure base64 text.
         if raw and _BASE64_TEXT.match(raw[:4096]) and _BASE64_TEXT.match(raw):
             return decode_base64(raw)
+        if raw[:5].lower() == b"data:":  # a data: URI as the body; no binary format starts like that either
+            return decode_base64(raw)
         return raw
     if isinstance(value, str):
         return decode_base64(value)

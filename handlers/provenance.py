@@ -42,3 +42,29 @@ def mismatches(root: Path, record: dict[str, Any]) -> list[str]:
         elif sha256(path) != expected:
             problems.append(f"{name}: SHA-256 differs from the version file")
     return problems
+
+
+#: files every archive holds besides the recorded ones: TorchServe's manifest and the version file itself
+UNRECORDED_OK = (VERSION_FILE, "MAR-INF/MANIFEST.json")
+
+
+def unrecorded(root: Path, record: dict[str, Any]) -> list[str]:
+    """Files in the archive that the version file does not know of (bytecode caches aside)."""
+    known = set(record.get("files", {})) | set(UNRECORDED_OK)
+    extra = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix()
+        if name not in known and "__pycache__/" not in name:
+            extra.append(f"{name}: not recorded in the version file")
+    return extra
+
+
+def problems(root: Path, manifest_version: str | None) -> list[str]:
+    """Everything that makes the unpacked archive at `root` differ from its version file; empty when it agrees."""
+    if not (root / VERSION_FILE).is_file():
+        return [f"{VERSION_FILE} is missing: the archive was not built by tsforge.archive"]
+    record = read(root)
+    found = mismatches(root, record) + unrecorded(root, record)
+    if manifest_version is not None and str(record.get("version")) != str(manifest_version):
+        found.append(f"the manifest says version {manifest_version}, {VERSION_FILE} says {record.get('version')}")
+    return found

@@ -32,10 +32,17 @@ class ArchivePlan:
     config_file: Path
     store: Path
     archive_name: str
+    model_name: str = ""  # the name in the manifest; default: the declared model's name
+    handler: str = ""  # the entry handler file; default: the declared model's handler
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_name", self.model_name or self.spec.name)
+        object.__setattr__(self, "handler", self.handler or self.spec.handler)
 
     @property
     def stage(self) -> Path:
-        return self.export_dir / "stage"
+        suffix = "" if self.model_name == self.spec.name else f"-{self.model_name}"
+        return self.export_dir / f"stage{suffix}"
 
     @property
     def mar(self) -> Path:
@@ -44,7 +51,8 @@ class ArchivePlan:
 
 def plan(name: str, *, version: str | None = None, build_dir: Path = ROOT / "build",
          store: Path = ROOT / "model_store", config_file: Path | None = None,
-         archive_name: str | None = None) -> ArchivePlan:
+         archive_name: str | None = None, model_name: str | None = None,
+         handler: str | None = None) -> ArchivePlan:
     spec = get(name)
     return ArchivePlan(
         spec=spec,
@@ -52,7 +60,9 @@ def plan(name: str, *, version: str | None = None, build_dir: Path = ROOT / "bui
         export_dir=build_dir / name,
         config_file=config_file or ROOT / "config" / "models" / f"{name}.yaml",
         store=store,
-        archive_name=archive_name or name,
+        archive_name=archive_name or model_name or name,
+        model_name=model_name or "",
+        handler=handler or "",
     )
 
 
@@ -68,11 +78,13 @@ def stage(p: ArchivePlan) -> list[str]:
     package.mkdir(parents=True)
     for module in sorted((ROOT / HANDLER_PACKAGE).glob("*.py")):
         shutil.copy2(module, package / module.name)
-    handler = ROOT / p.spec.handler
+    handler = ROOT / p.handler
     shutil.copy2(handler, p.stage / handler.name)
     shutil.copy2(weights, p.stage / weights.name)
     shutil.copy2(p.config_file, p.stage / "model-config.yaml")
-    extras = [n for n in OPTIONAL_EXPORT_FILES if (p.export_dir / n).is_file()]
+    # Files the model's factory shipped (tokenizers, settings) are listed in export.json.
+    listed = json.loads((p.export_dir / "export.json").read_text()).get("extra_files", [])
+    extras = list(dict.fromkeys([*(n for n in OPTIONAL_EXPORT_FILES if (p.export_dir / n).is_file()), *listed]))
     for name in extras:
         shutil.copy2(p.export_dir / name, p.stage / name)
     return extras
@@ -81,7 +93,7 @@ def stage(p: ArchivePlan) -> list[str]:
 def write_version_file(p: ArchivePlan, extras: list[str]) -> dict[str, object]:
     hashed = [
         f"{p.spec.name}.pt",
-        Path(p.spec.handler).name,
+        Path(p.handler).name,
         "model-config.yaml",
         *extras,
         *(f"{HANDLER_PACKAGE}/{m.name}" for m in sorted((p.stage / HANDLER_PACKAGE).glob("*.py"))),
@@ -107,19 +119,25 @@ def build(p: ArchivePlan) -> Path:
     p.store.mkdir(parents=True, exist_ok=True)
     script = Path(sys.executable).with_name("torch-model-archiver")
     archiver = [str(script)] if script.is_file() else [sys.executable, "-m", "model_archiver.model_packaging"]
+    # The manifest names the model (digits); the file name may carry a version (digits-2.0.mar). The archiver
+    # names its output after the model, so it writes into a scratch folder and the result is moved.
+    scratch = p.stage.with_name(p.stage.name.replace("stage", "mar", 1))
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     command = [
         *archiver,
-        "--model-name", p.archive_name,
+        "--model-name", p.model_name,
         "--version", p.version,
         "--serialized-file", str(p.stage / f"{p.spec.name}.pt"),
-        "--handler", str(p.stage / Path(p.spec.handler).name),
+        "--handler", str(p.stage / Path(p.handler).name),
         # A folder given as extra file is copied with its layout: the stage is the archive's root.
         "--extra-files", str(p.stage),
         "--config-file", str(p.stage / "model-config.yaml"),
-        "--export-path", str(p.store),
+        "--export-path", str(scratch),
         "--force",
     ]
     subprocess.run(command, check=True)
+    shutil.move(scratch / f"{p.model_name}.mar", p.mar)
     return p.mar
 
 
@@ -131,11 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="model-config.yaml to package (default: config/models/NAME.yaml)")
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--build-dir", type=Path, default=ROOT / "build")
-    parser.add_argument("--archive-name", help="file name in the store, without .mar (default: NAME)")
+    parser.add_argument("--archive-name", help="file name in the store, without .mar (default: NAME); the model "
+                        "inside keeps its name, so NAME-2.0 registers as a second version of NAME")
+    parser.add_argument("--model-name", help="serve the export as another model (default: NAME), e.g. with another "
+                        "--handler and --config; the archive file is named after it unless --archive-name is given")
+    parser.add_argument("--handler", help="entry handler file (default: the one NAME declares)")
     args = parser.parse_args(argv)
     for name in args.models:
         p = plan(name, version=args.version, build_dir=args.build_dir, store=args.store,
-                 config_file=args.config, archive_name=args.archive_name)
+                 config_file=args.config, archive_name=args.archive_name, model_name=args.model_name,
+                 handler=args.handler)
         mar = build(p)
         print(f"archived {name} {p.version} -> {mar.relative_to(ROOT) if mar.is_relative_to(ROOT) else mar}")
     return 0

@@ -1,6 +1,9 @@
 """Send a model's example inputs (stored in its archive) or a file to a running TorchServe.
 
-    python -m tsforge.predict digits [--file photo.png] [--config config/config.properties]
+    python -m tsforge.predict digits [--file photo.png] [--run-dir build/serve | --config config/config.properties]
+
+While a TorchServe started from --run-dir (default build/serve) runs, the address and, under token
+authorization, the inference key come from it; otherwise the address comes from --config.
 
 Exits non-zero when an answer is not 200 or differs from the example's expected label.
 """
@@ -17,7 +20,7 @@ from typing import Any
 import requests
 
 from tsforge.project import ROOT
-from tsforge.server import read_properties
+from tsforge.server import TorchServe, read_properties
 
 
 def archive_examples(mar: Path) -> list[dict[str, Any]]:
@@ -41,15 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.properties")
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--version", help="address /predictions/MODEL/VERSION")
-    parser.add_argument("--token", help="inference token when token authorization is on")
+    parser.add_argument("--token", help="inference token when token authorization is on (default: from --run-dir)")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "build" / "serve",
+                        help="run folder of the TorchServe to ask, used while it runs (addresses and keys)")
     args = parser.parse_args(argv)
-    base = read_properties(args.config)["inference_address"].rstrip("/")
-    url = f"{base}/predictions/{args.model}" + (f"/{args.version}" if args.version else "")
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    server = TorchServe.attach(args.run_dir) if (args.run_dir / "config.properties").is_file() else None
+    if server is not None and server.running():
+        base = server.url("inference")
+        headers = headers or server.auth("inference")
+    else:
+        base = read_properties(args.config)["inference_address"].rstrip("/")
+    url = f"{base}/predictions/{args.model}" + (f"/{args.version}" if args.version else "")
     if args.file:
         cases: list[dict[str, Any]] = [{"body": args.file.read_bytes(), "expect": {}}]
     else:
-        cases = archive_examples(args.store / f"{args.model}.mar")
+        versioned = args.store / f"{args.model}-{args.version}.mar"
+        cases = archive_examples(versioned if versioned.is_file() else args.store / f"{args.model}.mar")
     failures = 0
     for case in cases:
         if "body" in case:

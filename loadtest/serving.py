@@ -1,0 +1,33 @@
+"""A TorchServe of its own for a load run: free loopback ports, a run folder under build/loadtest."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tsforge.project import ROOT
+from tsforge.server import TorchServe, free_port_overrides, model_args
+
+RUN_ROOT = ROOT / "build" / "loadtest" / "serve"
+DEV_CONFIG = ROOT / "config" / "config.properties"
+
+
+@contextlib.contextmanager
+def torchserve(models: Sequence[str], *, store: Path = ROOT / "model_store", name: str = "default",
+               config: Path = DEV_CONFIG, overrides: dict[str, str] | None = None,
+               timeout: float = 300.0) -> Iterator[TorchServe]:
+    """Start TorchServe with `models` (NAME or NAME=FILE.mar), wait until every worker is up, stop it after."""
+    run_dir = RUN_ROOT / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    names = [m.split("=", 1)[0] for m in models]
+    archives = [m if "=" in m else model_args([m])[0] for m in models]
+    server = TorchServe(config=config, run_dir=run_dir, model_store=store, models=archives,
+                        overrides={**free_port_overrides(), **(overrides or {})})
+    server.start()
+    try:
+        server.wait_ready(names, timeout=timeout)
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,187 @@
+"""Image classifiers through a real TorchServe: resnet18 (bf16, channels-last, frozen) batching good and bad
+requests together, answers equal to offline inference; digits through the image handler for real labels."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from export.models.digits import to_tensor
+from export.models.resnet import jpeg, sample_photos
+from handlers.image_handler import compile_for_serving
+from handlers.images import ImagePreprocessor
+from tests.conftest import BUILD, ROOT, built_archive, png_bytes
+from tests.test_images import bomb_png, save, with_orientation
+from tsforge import archive
+from tsforge.server import TorchServe
+
+pytestmark = pytest.mark.integration
+
+BATCH = 12
+BATCH_DELAY_MS = 4000  # long enough that a burst of BATCH requests always lands in one batch
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet18 with a test-specific model-config (batch of exactly BATCH, long delay), and digits_image."""
+    built_archive("resnet18")
+    built = built_archive("digits_image")
+    target = tmp_path_factory.mktemp("image_store")
+    config = yaml.safe_load((ROOT / "config" / "models" / "resnet18.yaml").read_text())
+    config.update(batchSize=BATCH, maxBatchDelay=BATCH_DELAY_MS)
+    config_file = target / "resnet18-batching.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    archive.main(["resnet18", "--config", str(config_file), "--store", str(target), "--build-dir", str(BUILD)])
+    (target / built.name).write_bytes(built.read_bytes())
+    return target
+
+
+@pytest.fixture(scope="module")
+def server(start_server, store: Path) -> TorchServe:
+    return start_server(["resnet18", "digits_image"], store=store)
+
+
+@pytest.fixture(scope="module")
+def offline(store: Path):
+    """resnet18 as the server runs it (same settings, precision, layout and freezing), run here in-process."""
+    with zipfile.ZipFile(store / "resnet18.mar") as mar:
+        settings = yaml.safe_load(mar.read("model-config.yaml"))["handler"]
+        labels = json.loads(mar.read("index_to_name.json"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings["precision"]]
+    model = compile_for_serving(torch.jit.load(str(BUILD / "resnet18" / "resnet18.pt")), dtype,
+                                settings["channels_last"])
+    preprocess = ImagePreprocessor.from_config(settings)
+
+    def predict(files: list[bytes]) -> torch.Tensor:
+        batch = torch.stack([preprocess.tensor(f) for f in files]).to(dtype)
+        if settings["channels_last"]:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return torch.softmax(model(batch).float(), dim=1)
+
+    return predict, labels, settings["top_k"]
+
+
+def worker_pids(server: TorchServe, model: str) -> list[int]:
+    described = requests.get(f"{server.url('management')}/models/{model}", timeout=10).json()
+    return sorted(w["pid"] for w in described[0]["workers"])
+
+
+def metric(server: TorchServe, name: str, model: str) -> float:
+    text = requests.get(server.url("metrics") + "/metrics", params={"name[]": name}, timeout=10).text
+    found = [float(m.group(1)) for m in re.finditer(rf'^{name}{{[^}}]*ModelName="{model}"[^}}]*}} (\S+)$', text, re.M)]
+    assert found, f"{name} for {model} not in the metrics:\n{text}"
+    return found[0]
+
+
+def post(url: str, kwargs: dict[str, Any]) -> requests.Response:
+    return requests.post(url, timeout=120, **kwargs)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def assert_same_answer(answer: dict[str, Any], probabilities: torch.Tensor, labels: dict[str, str], top_k: int) -> None:
+    top = torch.topk(probabilities, top_k)
+    assert answer["label"] == labels[str(int(top.indices[0]))]
+    assert list(answer["probabilities"]) == [labels[str(int(i))] for i in top.indices]
+    served = np.array(list(answer["probabilities"].values()))
+    assert np.abs(served - top.values.numpy()).max() <= 1e-4
+
+
+def test_good_and_bad_requests_share_a_batch_and_only_the_bad_fail(server: TorchServe, offline) -> None:
+    predict, labels, top_k = offline
+    photos = {name.split(".")[0]: photo for name, photo in sample_photos().items()}
+    china, flower = jpeg(photos["china"]), jpeg(photos["flower"])
+    flower_webp = save(Image.fromarray(photos["flower"]), "WEBP", quality=90)
+    rotated = with_orientation(np.ascontiguousarray(np.rot90(photos["china"], 1)), 6)
+    good: list[tuple[dict[str, Any], bytes]] = [
+        ({"data": china}, china),
+        ({"data": b64(flower)}, flower),
+        ({"json": {"data": b64(china)}}, china),
+        ({"files": {"image": ("flower.webp", flower_webp)}}, flower_webp),
+        ({"data": "data:image/jpeg;base64," + b64(flower)}, flower),
+        ({"data": rotated}, rotated),
+        ({"json": {"instances": [{"b64": b64(china)}, b64(flower_webp)]}}, b""),
+    ]
+    bad: list[tuple[dict[str, Any], int, str]] = [
+        ({"data": b"\x89PNG\r\n\x1a\n not really"}, 400, "undecodable_input"),
+        ({"data": bomb_png(20_000, 20_000)}, 413, "payload_too_large"),
+        ({"data": save(Image.new("RGB", (1, 40_000)), "PNG")}, 422, "invalid_input"),
+        ({"json": {"pixels": [1, 2, 3]}}, 400, "undecodable_input"),
+        ({"json": {"instances": [b64(china), "@@@"]}}, 400, "undecodable_input"),
+    ]
+    assert len(good) + len(bad) == BATCH
+    url = server.url("inference") + "/predictions/resnet18"
+    pids = worker_pids(server, "resnet18")
+    calls = [kwargs for kwargs, _ in good[:4]] + [kwargs for kwargs, _, _ in bad] + [kwargs for kwargs, _ in good[4:]]
+    started = time.monotonic()
+    with ThreadPoolExecutor(BATCH) as pool:
+        responses = list(pool.map(lambda kw: post(url, kw), calls))
+    elapsed = time.monotonic() - started
+    # A batch smaller than batchSize is only released after maxBatchDelay: answers sooner mean one full batch.
+    assert elapsed < BATCH_DELAY_MS / 1000, f"{elapsed:.1f}s: the requests did not share one batch"
+    assert metric(server, "HandlerBatchSize", "resnet18") == len(good) + 1  # the instances request holds two
+
+    good_responses = responses[:4] + responses[4 + len(bad):]
+    bad_responses = responses[4:4 + len(bad)]
+    for response, (_, status, kind) in zip(bad_responses, bad, strict=True):
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["code"] == status and body["type"] == kind and body["message"]
+    single = [(r, f) for r, (_, f) in zip(good_responses, good, strict=True) if f]
+    assert all(r.status_code == 200 for r, _ in single), [r.text for r, _ in single]
+    expected = predict([f for _, f in single] + [china, flower_webp])
+    for (response, _), probabilities in zip(single, expected, strict=False):
+        assert_same_answer(response.json(), probabilities, labels, top_k)
+    many = good_responses[-1]
+    assert many.status_code == 200, many.text
+    predictions = many.json()["predictions"]
+    assert len(predictions) == 2
+    for answer, probabilities in zip(predictions, expected[-2:], strict=True):
+        assert_same_answer(answer, probabilities, labels, top_k)
+    assert worker_pids(server, "resnet18") == pids
+
+
+def test_sample_photos_top1_equals_offline_and_the_archived_example(server: TorchServe, offline, store: Path) -> None:
+    predict, labels, _ = offline
+    files = [jpeg(photo) for photo in sample_photos().values()]
+    with zipfile.ZipFile(store / "resnet18.mar") as mar:
+        example = json.loads(mar.read("examples.json"))[0]
+    url = server.url("inference") + "/predictions/resnet18"
+    calls = [{"data": f} for f in files] + [{"json": example["input"]}]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        responses = list(pool.map(lambda kw: post(url, kw), calls))
+    assert [r.status_code for r in responses] == [200] * len(calls)
+    offline_top1 = [labels[str(int(i))] for i in predict(files).argmax(1)]
+    assert [r.json()["label"] for r in responses[:2]] == offline_top1
+    assert responses[2].json()["label"] == example["expect"]["label"]
+
+
+def test_digits_through_the_image_handler_get_their_true_labels(server: TorchServe, digits_split) -> None:
+    _, _, x_test, y_test = digits_split
+    model = torch.jit.load(str(BUILD / "digits" / "digits.pt"))
+    with torch.inference_mode():
+        offline = model(to_tensor(x_test)).argmax(1).numpy()
+    url = server.url("inference") + "/predictions/digits_image"
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda x: post(url, {"data": png_bytes(x)}), x_test))
+    assert [r.status_code for r in responses] == [200] * len(x_test)
+    served = np.array([int(r.json()["label"]) for r in responses])
+    assert (served == offline).mean() == 1.0
+    assert (served == y_test).mean() >= 0.95
+    assert len(responses[0].json()["probabilities"]) == 3
