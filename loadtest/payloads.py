@@ -94,7 +94,7 @@ def digits_cases(count: int, seed: int) -> list[Case]:
 
 
 def photo_cases(count: int, seed: int) -> list[Case]:
-    """Crops, flips and rescales of scikit-learn's two sample photos as JPEG bodies of varied size.
+    """Crops and flips of scikit-learn's two sample photos as 640-pixel-wide JPEG bodies of varied quality.
 
     Every fifth one travels as base64 in a JSON envelope; the rest are raw JPEG bodies.
     """
@@ -113,8 +113,8 @@ def photo_cases(count: int, seed: int) -> list[Case]:
         image = photo.crop((left, top, left + crop_w, top + crop_h))
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        side = rng.choice((256, 320, 480, 640))
-        image.thumbnail((side, side), Image.Resampling.BICUBIC)
+        # Back to the photos' own 640-pixel width: the size the reference measurements of this project use.
+        image = image.resize((640, round(640 * image.height / image.width)), Image.Resampling.BICUBIC)
         body = jpeg(image, rng.choice((80, 90, 95)))
         if n % 5 == 4:
             cases.append(json_case(f"photo{source}-{n}-b64", {"data": base64.b64encode(body).decode()}))

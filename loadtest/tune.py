@@ -30,6 +30,7 @@ from typing import Any
 import requests
 import yaml
 
+from handlers.base import default_threads
 from loadtest import report
 from loadtest.inprocess import ceiling, prepared_cases
 from loadtest.loadgen import load
@@ -68,9 +69,7 @@ def grid(workers: list[int], batch_sizes: list[int], delays: list[int], threads:
 
 def current_setting(config: dict[str, Any]) -> Setting:
     workers = int(config.get("maxWorkers") or 1)
-    import os
-
-    threads = int((config.get("handler") or {}).get("threads") or max(1, (os.cpu_count() or 1) // workers))
+    threads = int((config.get("handler") or {}).get("threads") or default_threads(workers))
     return Setting(workers, int(config.get("batchSize") or 1), int(config.get("maxBatchDelay") or 100), threads)
 
 
