@@ -112,6 +112,9 @@ class TorchServe:
     log_config: Path | None = LOG_CONFIG
 
     def __post_init__(self) -> None:
+        # TorchServe runs inside run_dir, so every path handed to it must be absolute.
+        self.run_dir = self.run_dir.resolve()
+        self._process: subprocess.Popen[bytes] | None = None
         props = read_properties(self.config)
         # Relative paths in a profile are relative to the project root; TorchServe runs in run_dir.
         for key in PATH_KEYS:
@@ -213,6 +216,8 @@ class TorchServe:
         self._process = process
 
     def running(self) -> bool:
+        if self._process is not None:  # started here: poll, which also reaps it (a zombie still answers kill 0)
+            return self._process.poll() is None
         pid = self._pid()
         if pid is None:
             return False
