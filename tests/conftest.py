@@ -28,6 +28,13 @@ def built_archive(name: str) -> Path:
     return STORE / f"{name}.mar"
 
 
+def configured_workers(name: str) -> int:
+    """The worker count that config/models/NAME.yaml gives the archive."""
+    import yaml
+
+    return int(yaml.safe_load((ROOT / "config" / "models" / f"{name}.yaml").read_text())["maxWorkers"])
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import ROOT, StartServer
+from tests.conftest import ROOT, StartServer, configured_workers
 from tests.test_rollout import PROD, versioned_store
 from tsforge import deploy
 from tsforge.predict import archive_examples
@@ -62,7 +62,8 @@ def test_make_metrics_shows_health_readiness_and_handler_metrics(server: TorchSe
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "health: Healthy" in out and "* digits 1.0: 1/1" in out
+    workers = configured_workers("digits")
+    assert "health: Healthy" in out and f"* digits 1.0: {workers}/{workers}" in out
     for name in ("HandlerInferenceTime{ModelName=digits}", "HandlerBatchSize{ModelName=digits}",
                  "HandlerRequestErrors_total{ErrorType=undecodable_input, ModelName=digits} 1",
                  "ts_inference_requests_total{model_name=digits, model_version=default} 6"):
