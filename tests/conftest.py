@@ -66,6 +66,8 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
     yield start
     for server in servers:
         server.stop()
+    leaked = [str(server.run_dir) for server in servers if server.alive()]
+    assert not leaked, f"TorchServe processes outlived the tests: {leaked}"
 
 
 @pytest.fixture(scope="session")

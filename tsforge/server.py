@@ -265,9 +265,11 @@ class TorchServe:
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the whole process tree (frontend and workers); False if nothing was running."""
-        pid = self._pid()
-        if pid is None or not self.running():
-            self.pid_file.unlink(missing_ok=True)
+        # The process this object started, else the one in the pid file (`make stop` from another process).
+        # The group is checked, not the launcher alone: TorchServe's frontend and workers may outlive it.
+        pid = self._process.pid if self._process is not None else self._pid()
+        if pid is None or not self.alive():
+            self._forget(pid)
             return False
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             try:
@@ -281,8 +283,18 @@ class TorchServe:
             if not _group_alive(pid):
                 break
         _reap(pid)
-        self.pid_file.unlink(missing_ok=True)
+        self._forget(pid)
         return True
+
+    def alive(self) -> bool:
+        """Whether any process of this instance's tree (launcher, frontend, workers) is left."""
+        pid = self._process.pid if self._process is not None else self._pid()
+        return pid is not None and _group_alive(pid)
+
+    def _forget(self, pid: int | None) -> None:
+        """Remove the pid file if it names `pid`: a later instance in the same run folder keeps its own."""
+        if pid is None or self._pid() == pid:
+            self.pid_file.unlink(missing_ok=True)
 
 
 def _expired(stamp: str | None) -> bool:
