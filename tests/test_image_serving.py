@@ -80,9 +80,16 @@ def worker_pids(server: TorchServe, model: str) -> list[int]:
     return sorted(w["pid"] for w in described[0]["workers"])
 
 
-def metric(server: TorchServe, name: str, model: str) -> float:
-    text = requests.get(server.url("metrics") + "/metrics", params={"name[]": name}, timeout=10).text
-    found = [float(m.group(1)) for m in re.finditer(rf'^{name}{{[^}}]*ModelName="{model}"[^}}]*}} (\S+)$', text, re.M)]
+def metric(server: TorchServe, name: str, model: str, wait_s: float = 15.0) -> float:
+    """The metric's value; the worker reports it through its log, which the frontend reads a moment later."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = requests.get(server.url("metrics") + "/metrics", params={"name[]": name}, timeout=10).text
+        pattern = rf'^{name}{{[^}}]*ModelName="{model}"[^}}]*}} (\S+)$'
+        found = [float(m.group(1)) for m in re.finditer(pattern, text, re.M)]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert found, f"{name} for {model} not in the metrics:\n{text}"
     return found[0]
 
