@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import time
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -173,6 +174,9 @@ def test_concurrent_requests_of_different_lengths_match_offline(server: TorchSer
     expected = reference[[i for i, _ in answers]]
     assert cosine(served, expected).min() >= 0.999
     assert np.abs(served - expected).max() < 1e-3
+    deadline = time.monotonic() + 15  # the model log is written asynchronously
+    while max(batch_sizes(server), default=0) <= 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert max(batch_sizes(server), default=0) > 1, "TorchServe never formed a batch of more than one request"
 
 
