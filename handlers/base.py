@@ -259,3 +259,8 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.model_dir / name).read_text())
+
+    def read_labels(self, name: str = "index_to_name.json") -> list[str]:
+        """Class names in index order from the archive's `{"0": name, ...}` file."""
+        labels = self.read_json(name)
+        return [str(labels[str(i)]) for i in range(len(labels))]

@@ -23,8 +23,7 @@ class DigitsHandler(BatchHandler):
 
     def setup(self) -> None:
         super().setup()
-        labels = self.read_json("index_to_name.json")
-        self.labels = [labels[str(i)] for i in range(len(labels))]
+        self.labels = self.read_labels()
         self.top_k = int(self.config.get("top_k", 3))
         self.max_pixels = int(self.config.get("max_pixels", 4_000_000))
 

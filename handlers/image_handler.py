@@ -50,8 +50,7 @@ class ImageClassifierHandler(BatchHandler):
 
     def setup(self) -> None:
         self.preprocess = ImagePreprocessor.from_config(self.config)
-        labels = self.read_json("index_to_name.json")
-        self.labels = [labels[str(i)] for i in range(len(labels))]
+        self.labels = self.read_labels()
         self.top_k = min(int(self.config.get("top_k", self.default_top_k)), len(self.labels))
         self.model = compile_for_serving(self.load_torchscript(), self.dtype, self.channels_last)
         self.warm_up()

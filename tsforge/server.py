@@ -148,11 +148,6 @@ class TorchServe:
         props = read_properties(rendered)
         return cls(config=rendered, run_dir=run_dir, model_store=Path(props["model_store"]))
 
-    @property
-    def token(self) -> str | None:
-        """The management key when token authorization is on."""
-        return self.key("management")
-
     def key(self, kind: KeyKind) -> str | None:
         """The management or inference key from key_file.json; None when token authorization is off.
 
