@@ -69,7 +69,7 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         self.dtype = PRECISIONS[precision]
         self.channels_last = bool(self.config.get("channels_last", False))
         self.version = self.check_archive()
-        self.telemetry = Telemetry(context)
+        self.telemetry = Telemetry(context, float(self.config.get("metrics_interval_s", 0.0)))
         self.setup()
         self.initialized = True
         log.info("%s %s ready on %s (%s, threads=%d)", type(self).__name__, self.version, self.device, self.dtype,

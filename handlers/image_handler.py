@@ -5,6 +5,8 @@ Settings, all optional, in the archive's model-config.yaml `handler:` section:
 
     precision: bf16        fp32 | bf16 | fp16, applied to the fp32 TorchScript export before freezing
     channels_last: true    NHWC memory format (with bf16 on AMX CPUs several times faster than fp32)
+    onednn_fusion: true    CPU only: let TorchScript's oneDNN Graph fuser fuse conv+add+relu chains
+                           (ResNet-18 bf16 on AMX: 7.8 instead of 10.9 ms an image on one thread)
     threads: 2             torch intra-op threads (default: CPU count / maxWorkers)
     mode: RGB              RGB | L
     resize: 256            shorter side; with crop: null, the image is scaled to resize x resize
@@ -19,8 +21,10 @@ Settings, all optional, in the archive's model-config.yaml `handler:` section:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,6 +47,17 @@ def compile_for_serving(model: torch.jit.ScriptModule, dtype: torch.dtype,
     return frozen
 
 
+@contextlib.contextmanager
+def onednn_fusion(enabled: bool) -> Iterator[None]:
+    """TorchScript's oneDNN Graph fuser is a process-wide switch; turn it on only around our own calls."""
+    previous = bool(torch.jit.onednn_fusion_enabled())  # type: ignore[no-untyped-call]
+    torch.jit.enable_onednn_fusion(enabled)
+    try:
+        yield
+    finally:
+        torch.jit.enable_onednn_fusion(previous)
+
+
 class ImageClassifierHandler(BatchHandler):
     """Returns `{"label": "tabby", "probabilities": {"tabby": 0.91, ...}}` with the top_k classes."""
 
@@ -53,17 +68,24 @@ class ImageClassifierHandler(BatchHandler):
         self.labels = self.read_labels()
         self.top_k = min(int(self.config.get("top_k", self.default_top_k)), len(self.labels))
         self.model = compile_for_serving(self.load_torchscript(), self.dtype, self.channels_last)
+        self.fuse = bool(self.config.get("onednn_fusion", False)) and self.device.type == "cpu"
         self.warm_up()
 
     def warm_up(self) -> None:
-        """The TorchScript profiling executor optimises on the first calls; make those before serving."""
+        """The TorchScript profiling executor (and the fuser) optimise per input shape on the first calls;
+        make those for every batch size before serving."""
         batch_size = int((self.context.model_yaml_config or {}).get("batchSize") or 1)
         started = time.perf_counter()
         blank = [torch.zeros(self.preprocess.output_shape)]
         with torch.inference_mode():
-            for size in (batch_size, batch_size, 1, 1):
-                self.model(self.collate(blank * size))
-        log.info("warmed up for batches of %d in %.2fs", batch_size, time.perf_counter() - started)
+            for size in [*range(batch_size, 0, -1)] * 2:
+                self.infer(self.collate(blank * size))
+        log.info("warmed up for batches of 1 to %d in %.2fs", batch_size, time.perf_counter() - started)
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        with onednn_fusion(self.fuse):
+            output: torch.Tensor = self.model(batch)
+        return output
 
     def decode(self, payload: Any) -> torch.Tensor:
         return self.preprocess(payload)

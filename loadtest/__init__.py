@@ -7,7 +7,8 @@
 
 payloads.py    varied real request bodies per model, and the answer check
 inprocess.py   an archive's handler in this process: reference answers, the in-process ceiling
-loadgen.py     closed-loop generator (aiohttp / grpc.aio) for machines without locust
+loadgen.py     closed-loop generator (asyncio + http1.py, or grpc.aio) for machines without locust
+http1.py       the minimal HTTP/1.1 keep-alive client it uses: stdlib only, cheap per request
 locustfiles/   locust users per model, REST (FastHttpUser) and gRPC (TorchServe's inference.proto)
 monitor.py     server CPU and peak RSS (psutil on the process tree), TorchServe's own metrics
 report.py      the summary JSON and its plot;  render.py  bench/tune reports as markdown and plots

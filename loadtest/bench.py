@@ -78,11 +78,11 @@ def measure(cases: list[Case], level: int, duration: float, url: str, pid: int |
 
 
 def run_torchserve(label: str, model: str, store: Path, cases: list[Case], levels: list[int],
-                   duration: float) -> list[dict[str, Any]]:
+                   duration: float, warmup: float) -> list[dict[str, Any]]:
     rows = []
     with torchserve([model], store=store, name=f"bench-{label}") as server:
         url = f"{server.url('inference')}/predictions/{model}"
-        load(cases, max(levels), 2.0, url=url, warmup_s=0.0)  # warm-up: workers, JIT profiling, oneDNN caches
+        load(cases, max(levels), warmup, url=url, warmup_s=0.0)  # the JVM's JIT, TorchScript profiling, oneDNN caches
         for level in levels:
             summary = measure(cases, level, duration, url, report.server_pid(server.run_dir), single_process=False,
                               metrics_url=server.url("metrics"), model=model)
@@ -117,11 +117,12 @@ def flask_server(mar: Path) -> Iterator[tuple[str, int]]:
         log.close()
 
 
-def run_flask(model: str, mar: Path, cases: list[Case], levels: list[int], duration: float) -> list[dict[str, Any]]:
+def run_flask(model: str, mar: Path, cases: list[Case], levels: list[int], duration: float,
+              warmup: float) -> list[dict[str, Any]]:
     rows = []
     with flask_server(mar) as (base, pid):
         url = f"{base}/predictions/{model}"
-        load(cases, max(levels), 2.0, url=url, warmup_s=0.0)
+        load(cases, max(levels), warmup, url=url, warmup_s=0.0)
         for level in levels:
             summary = measure(cases, level, duration, url, pid, single_process=True, metrics_url=None, model=model)
             rows.append({**summary, "target": "flask", "url": summary["target"], "level": level})
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--levels", default="1,4,16", help="concurrency levels, comma-separated")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per level")
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="seconds of load on each server before measuring (TorchServe's JVM takes ~20 s of load "
+                             "to compile its hot paths)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"any of {', '.join(TARGETS)}")
     parser.add_argument("--payload-count", type=int, default=32)
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
@@ -166,15 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     print(f"bench {args.model}: {len(cases)} payloads, levels {levels}, {args.duration:g} s each", flush=True)
     if "tsforge" in targets:
-        rows += run_torchserve("tsforge", args.model, args.store, cases, levels, args.duration)
+        rows += run_torchserve("tsforge", args.model, args.store, cases, levels, args.duration, args.warmup)
     if "stock" in targets:
         stock = stock_archive(args.model, BENCH_BUILD / "stock-store")
         if stock is None:
             notes.append(f"stock: TorchServe has no stock handler for {get(args.model).handler}")
         else:
-            rows += run_torchserve("stock", args.model, stock.parent, cases, levels, args.duration)
+            rows += run_torchserve("stock", args.model, stock.parent, cases, levels, args.duration, args.warmup)
     if "flask" in targets:
-        rows += run_flask(args.model, mar, cases, levels, args.duration)
+        rows += run_flask(args.model, mar, cases, levels, args.duration, args.warmup)
     ceiling_result = None
     if "ceiling" in targets:
         batch = int(config.get("batchSize", 16))
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_config": {k: v for k, v in config.items()},
         "levels": levels,
         "duration_s": args.duration,
+        "warmup_s": args.warmup,
         "payloads": {"count": len(cases), "kinds": sorted({c.content_type for c in cases}),
                      "mean_bytes": round(sum(len(c.body) for c in cases) / max(1, len(cases)))},
         "command": "python -m loadtest.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

@@ -2,8 +2,8 @@
 
 It serves an archive's model with the archive's own decode and encode code (so answers and input
 handling match TorchServe's), but the way such servers are commonly written: Flask's threaded
-development server, no batching, no worker processes, fp32 by default (`--as-archived` keeps the
-archive's precision and memory format instead).
+development server, no batching, no worker processes, plain fp32 TorchScript by default (`--as-archived`
+keeps the archive's precision, memory format and oneDNN fusion instead).
 
     python -m loadtest.flask_baseline --mar model_store/resnet18.mar --port 5000
 """
@@ -22,7 +22,7 @@ from flask import Flask, Response, request
 from loadtest.inprocess import LocalHandler, request_row
 from loadtest.payloads import Case
 
-NAIVE = {"precision": "fp32", "channels_last": False}
+NAIVE = {"precision": "fp32", "channels_last": False, "onednn_fusion": False}
 
 
 def create_app(local: LocalHandler) -> Flask:

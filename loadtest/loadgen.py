@@ -1,4 +1,4 @@
-"""A lightweight closed-loop load generator (asyncio + aiohttp, or grpc.aio): no locust needed.
+"""A lightweight closed-loop load generator (asyncio, or grpc.aio): no locust, nothing beyond the stdlib for REST.
 
 N users each send a request, wait for the answer, check it, and send the next, for a fixed time.
 Writes the same summary JSON as `make loadtest` does with locust.
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.http1 import Http1Client
 from loadtest.payloads import Case, check
 
 # Failure reasons kept verbatim in the report; past this many distinct ones the rest are "other".
@@ -47,19 +48,21 @@ class LoadResult:
 
 
 class RestClient:
-    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
-        import aiohttp
+    """One keep-alive connection per user (loadtest/http1.py): the cheapest client this machine can run."""
 
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                             connector=aiohttp.TCPConnector(limit=0))
+        self.users: dict[int, Http1Client] = {}
 
-    async def send(self, case: Case) -> tuple[int, bytes]:
-        async with self.session.post(self.url, data=case.body, headers={"Content-Type": case.content_type}) as r:
-            return r.status, await r.read()
+    async def send(self, case: Case, user: int = 0) -> tuple[int, bytes]:
+        client = self.users.get(user)
+        if client is None:
+            client = self.users[user] = Http1Client(self.url)
+        return await client.send(case.body, case.content_type)
 
     async def close(self) -> None:
-        await self.session.close()
+        for client in self.users.values():
+            client.close()
 
 
 class GrpcClient:
@@ -76,7 +79,7 @@ class GrpcClient:
         self.model = model
         self.timeout_s = timeout_s
 
-    async def send(self, case: Case) -> tuple[int, bytes]:
+    async def send(self, case: Case, user: int = 0) -> tuple[int, bytes]:
         import grpc
 
         request = self.stubs.inference.PredictionsRequest(model_name=self.model, input={"data": case.body})
@@ -96,13 +99,13 @@ def grpc_status_to_http(code: Any) -> int:
     return names.get(getattr(code, "name", ""), 500)
 
 
-async def _user(client: RestClient | GrpcClient, cases: list[Case], offset: int, warmup_end: float,
+async def _user(client: RestClient | GrpcClient, cases: list[Case], user: int, offset: int, warmup_end: float,
                 result: LoadResult) -> None:
     """Send, check, repeat; every answer that arrives after the warm-up is recorded (the caller stops us)."""
     for case in itertools.islice(itertools.cycle(cases), offset, None):
         sent = time.perf_counter()
         try:
-            status, body = await client.send(case)
+            status, body = await client.send(case, user)
             reason = check(case, status, body)
         except Exception as exc:  # a refused connection or a timeout is a failed request, not a crash
             reason = type(exc).__name__
@@ -129,7 +132,7 @@ async def run_load(cases: list[Case], users: int, duration_s: float, *, url: str
     warmup_end = time.perf_counter() + warmup_s
     # Spread users over the payloads so a batch holds different bodies.
     step = max(1, len(cases) // max(1, users))
-    tasks = [asyncio.create_task(_user(client, cases, n * step, warmup_end, result)) for n in range(users)]
+    tasks = [asyncio.create_task(_user(client, cases, n, n * step, warmup_end, result)) for n in range(users)]
     try:
         await asyncio.wait(tasks, timeout=warmup_s + duration_s)
     finally:

@@ -17,8 +17,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def bench_reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reports = tmp_path_factory.mktemp("reports")
-    subprocess.run(["make", "-s", "bench", "MODEL=digits", "LEVELS=1,4", "DURATION=2", f"REPORTS={reports}"],
-                   cwd=ROOT, check=True)
+    subprocess.run(["make", "-s", "bench", "MODEL=digits", "LEVELS=1,4", "DURATION=2", "BENCH_ARGS=--warmup 1",
+                    f"REPORTS={reports}"], cwd=ROOT, check=True)
     return reports / "bench" / "digits"
 
 
@@ -57,7 +57,7 @@ def test_benchmarks_doc_renders_from_the_reports(bench_reports: Path, tmp_path: 
 
 
 def test_make_tune_ranks_settings_and_writes_the_best_as_model_config(tmp_path: Path) -> None:
-    args = "--workers 1 --batch-sizes 1,8 --delays 5 --threads 1 --trial 1.5"
+    args = "--workers 1 --batch-sizes 1,8 --delays 5 --threads 1 --trial 1.5 --warmup 1"
     subprocess.run(["make", "-s", "tune", "MODEL=digits", "P99_MS=5000", "BUDGET=60", f"REPORTS={tmp_path}",
                     f"TUNE_ARGS={args}"], cwd=ROOT, check=True)
     out = tmp_path / "tune" / "digits"

@@ -21,7 +21,7 @@ from PIL import Image
 
 from export.models.digits import to_tensor
 from export.models.resnet import jpeg, sample_photos
-from handlers.image_handler import compile_for_serving
+from handlers.image_handler import compile_for_serving, onednn_fusion
 from handlers.images import ImagePreprocessor
 from tests.conftest import BUILD, ROOT, built_archive, png_bytes
 from tests.test_images import bomb_png, save, with_orientation
@@ -69,7 +69,7 @@ def offline(store: Path):
         batch = torch.stack([preprocess.tensor(f) for f in files]).to(dtype)
         if settings["channels_last"]:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with torch.inference_mode(), onednn_fusion(settings.get("onednn_fusion", False)):
             return torch.softmax(model(batch).float(), dim=1)
 
     return predict, labels, settings["top_k"]
@@ -192,3 +192,21 @@ def test_digits_through_the_image_handler_get_their_true_labels(server: TorchSer
     assert (served == offline).mean() == 1.0
     assert (served == y_test).mean() >= 0.95
     assert len(responses[0].json()["probabilities"]) == 3
+
+
+def test_onednn_fusion_is_scoped_and_changes_only_rounding(store: Path) -> None:
+    model = compile_for_serving(torch.jit.load(str(BUILD / "resnet18" / "resnet18.pt")), torch.bfloat16, True)
+    preprocess = ImagePreprocessor()
+    photos = [preprocess.tensor(jpeg(p)) for p in sample_photos().values()]
+    batch = torch.stack(photos * 2).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    before = torch.jit.onednn_fusion_enabled()
+    with torch.inference_mode():
+        plain = model(batch).float()
+        assert "oneDNNFusionGroup" not in str(torch.jit.last_executed_optimized_graph())
+        with onednn_fusion(True):
+            assert torch.jit.onednn_fusion_enabled()
+            fused = [model(batch).float() for _ in range(3)][-1]  # the fuser rewrites the graph after profiling runs
+            assert "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())
+    assert torch.jit.onednn_fusion_enabled() == before
+    assert torch.equal(fused.argmax(1), plain.argmax(1))
+    assert (torch.softmax(fused, 1) - torch.softmax(plain, 1)).abs().max().item() < 0.02

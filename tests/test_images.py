@@ -28,7 +28,7 @@ from ts.context import Context, RequestProcessor
 from export.models.resnet import sample_photos
 from handlers.errors import InvalidInput, PayloadTooLarge, RequestError, UndecodableInput
 from handlers.image_handler import ImageClassifierHandler
-from handlers.images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor, open_image, to_mode
+from handlers.images import IMAGENET_MEAN, IMAGENET_STD, TORCH_RESAMPLING, ImagePreprocessor, open_image, to_mode
 from tests.conftest import built_archive
 
 PREPROCESS = ImagePreprocessor()
@@ -37,6 +37,9 @@ REFERENCE = transforms.Compose([
     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
 ])
 LEVEL = 1 / 255 / min(IMAGENET_STD)  # one 8-bit grey level in normalised units
+# torch's antialiased uint8 resize (handlers/images.py) lands within one 8-bit level of Pillow's, which the
+# torchvision reference uses; the rounding of the two differs in a few pixels of a thousand.
+RESIZED = LEVEL + 1e-5
 
 
 def save(image: Image.Image, fmt: str, **options: Any) -> bytes:
@@ -88,28 +91,28 @@ def variants() -> dict[str, tuple[bytes, np.ndarray, float]]:
         second_frame = Image.fromarray(255 - photo).quantize(256)
         jpeg = save(rgb, "JPEG", quality=95)
         cases = {
-            "jpeg": (jpeg, decoded(jpeg), 1e-5),
-            "png": (save(rgb, "PNG"), photo, 1e-5),
-            "webp": (save(rgb, "WEBP", lossless=True), photo, 1e-5),
-            "tiff": (save(rgb, "TIFF", compression="tiff_deflate"), photo, 1e-5),
-            "bmp": (save(rgb, "BMP"), photo, 1e-5),
+            "jpeg": (jpeg, decoded(jpeg), RESIZED),
+            "png": (save(rgb, "PNG"), photo, RESIZED),
+            "webp": (save(rgb, "WEBP", lossless=True), photo, RESIZED),
+            "tiff": (save(rgb, "TIFF", compression="tiff_deflate"), photo, RESIZED),
+            "bmp": (save(rgb, "BMP"), photo, RESIZED),
             "gif-first-frame": (save(quantised, "GIF", save_all=True, append_images=[second_frame]),
-                                np.asarray(quantised.convert("RGB")), 1e-5),
-            "png-palette": (save(quantised, "PNG"), np.asarray(quantised.convert("RGB")), 1e-5),
-            "png-grey16": (save(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), grey3(grey), 1e-5),
-            "png-grey": (save(Image.fromarray(grey), "PNG"), grey3(grey), 1e-5),
-            "tiff-cmyk": (save(rgb.convert("CMYK"), "TIFF"), photo, 1e-5),
+                                np.asarray(quantised.convert("RGB")), RESIZED),
+            "png-palette": (save(quantised, "PNG"), np.asarray(quantised.convert("RGB")), RESIZED),
+            "png-grey16": (save(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), grey3(grey), RESIZED),
+            "png-grey": (save(Image.fromarray(grey), "PNG"), grey3(grey), RESIZED),
+            "tiff-cmyk": (save(rgb.convert("CMYK"), "TIFF"), photo, RESIZED),
             "jpeg-cmyk": (save(rgb.convert("CMYK"), "JPEG", quality=95), photo, 40 * LEVEL),
             "png-la": (save(Image.fromarray(np.dstack([grey, alpha]), "LA"), "PNG"),
-                       grey3(over_white(grey3(grey), alpha)[:, :, 0]), 2 * LEVEL),
+                       grey3(over_white(grey3(grey), alpha)[:, :, 0]), 3 * LEVEL),
             "png-rgba": (save(Image.fromarray(np.dstack([photo, alpha]), "RGBA"), "PNG"),
-                         over_white(photo, alpha), 2 * LEVEL),
+                         over_white(photo, alpha), 3 * LEVEL),
             "webp-rgba": (save(Image.fromarray(np.dstack([photo, alpha]), "RGBA"), "WEBP", lossless=True),
-                          over_white(photo, alpha), 2 * LEVEL),
+                          over_white(photo, alpha), 3 * LEVEL),
         }
         for orientation, (store, upright) in ORIENTATIONS.items():
             data = with_orientation(np.ascontiguousarray(store(photo)), orientation)
-            cases[f"jpeg-exif{orientation}"] = (data, np.ascontiguousarray(upright(decoded(data))), 1e-5)
+            cases[f"jpeg-exif{orientation}"] = (data, np.ascontiguousarray(upright(decoded(data))), RESIZED)
         out.update({f"{stem}-{kind}": case for kind, case in cases.items()})
     return out
 
@@ -209,7 +212,7 @@ def test_exif_orientation_is_applied(orientation: int) -> None:
     as_stored = reference(decoded(data))  # the pixels as stored, tag ignored
     if orientation in (6, 8):  # stored sideways: the stored picture does not even have the photo's shape
         assert Image.open(io.BytesIO(data)).size == (photo.shape[0], photo.shape[1])
-    assert (PREPROCESS(data) - reference(picture)).abs().max().item() <= 1e-5
+    assert (PREPROCESS(data) - reference(picture)).abs().max().item() <= RESIZED
     assert (PREPROCESS(data) - as_stored).abs().mean().item() > 0.1  # ignoring the tag would be visible
 
 
@@ -219,7 +222,7 @@ def test_big_jpegs_decode_in_the_dct_domain_close_to_a_full_decode() -> None:
     assert open_image(data, draft=("RGB", (256, 256))).size == (640, 427)  # decoded at 1/4 scale
     fast, full = PREPROCESS(data), ImagePreprocessor(draft=False)(data)
     assert (fast - full).abs().mean().item() < 4 * LEVEL
-    assert (full - reference(decoded(data))).abs().max().item() <= 1e-5
+    assert (full - reference(decoded(data))).abs().max().item() <= RESIZED
 
 
 def test_grey_mode_with_identity_normalisation_is_pixels_over_255() -> None:
@@ -342,3 +345,17 @@ def test_corrupted_real_images_only_raise_request_errors(data: st.DataObject) ->
         corrupted[position] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(16, len(corrupted)))
     only_request_errors(lambda: PREPROCESS(bytes(corrupted[:cut])))
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic", "lanczos", "box"])
+def test_every_resampling_filter_matches_torchvision_on_pillow(resample: str) -> None:
+    photo = Image.fromarray(sample_photos()["china.jpg"])
+    reference_for = transforms.Compose([
+        transforms.Resize(256, interpolation=transforms.InterpolationMode[resample.upper()]),
+        transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    difference = (ImagePreprocessor(resample=resample)(save(photo, "PNG")) - reference_for(photo)).abs()
+    if resample in TORCH_RESAMPLING:
+        assert difference.max().item() <= RESIZED and difference.mean().item() < 0.01 * LEVEL
+    else:  # Pillow resizes these itself: the same pixels as torchvision's
+        assert difference.max().item() <= 1e-5
