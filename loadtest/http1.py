@@ -23,6 +23,7 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.closed = False
+        self.busy = False  # still set after an exchange that was abandoned midway: the stream is out of step
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -39,8 +40,11 @@ class _Connection(asyncio.Protocol):
             return
         try:
             answer = _parse(self.buffer)
-        except ProtocolError as exc:
-            self.waiter.set_exception(exc)
+        except (ProtocolError, ValueError) as exc:  # a bad status line, length or chunk size
+            if self.transport is not None:
+                self.transport.close()  # the stream cannot be resynchronised: the next send reconnects
+            self.closed = True
+            self.waiter.set_exception(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
             return
         if answer is not None:
             status, body, used, close = answer
@@ -51,9 +55,12 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
         assert self.transport is not None
+        self.busy = True
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
-        return await self.waiter
+        answer = await self.waiter
+        self.busy = False
+        return answer
 
 
 def _parse(buffer: bytearray) -> tuple[int, bytes, int, bool] | None:
@@ -111,7 +118,8 @@ class Http1Client:
         self.connection: _Connection | None = None
 
     async def send(self, body: bytes, content_type: str) -> tuple[int, bytes]:
-        if self.connection is None or self.connection.closed:
+        if self.connection is None or self.connection.closed or self.connection.busy:
+            self.close()
             loop = asyncio.get_running_loop()
             _, self.connection = await loop.create_connection(_Connection, self.host, self.port)
         request = f"{self.head}Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body

@@ -90,11 +90,42 @@ def test_a_closed_connection_is_reopened_for_the_next_request(base_url: str) -> 
     assert len(Echo.connections) == 3
 
 
-def test_an_answer_that_is_not_http_is_an_error(base_url: str) -> None:
-    with pytest.raises(ProtocolError, match=r"not an HTTP/1\.x status line"):
-        exchange(base_url + "/garbage", [b"x"])
+def test_an_answer_that_is_not_http_is_an_error_and_the_next_request_reconnects(base_url: str) -> None:
+    async def run() -> tuple[Exception | None, tuple[int, bytes]]:
+        garbage, plain = Http1Client(base_url + "/garbage"), Http1Client(base_url + "/plain")
+        error = None
+        try:
+            await garbage.send(b"x", "image/png")
+        except ProtocolError as exc:
+            error = exc
+        assert garbage.connection is not None and garbage.connection.closed
+        garbage.head, garbage.port = plain.head, plain.port  # same server, a path that answers properly
+        try:
+            return error, await garbage.send(b"y", "image/png")
+        finally:
+            garbage.close()
+
+    error, answer = asyncio.run(run())
+    assert error is not None and "not an HTTP/1.x status line" in str(error)
+    assert answer == (200, b"image/png|y")
 
 
 def test_only_plain_http_urls_are_accepted() -> None:
     with pytest.raises(ValueError, match="need an http:// URL"):
         Http1Client("https://127.0.0.1/predictions/digits")
+
+
+def test_a_request_abandoned_midway_does_not_leak_into_the_next(base_url: str) -> None:
+    async def run() -> tuple[int, bytes]:
+        client = Http1Client(base_url + "/plain")
+        try:
+            await client.send(b"first", "image/png")  # connected: the abandoned request below is mid-exchange
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.send(bytes(8_000_000), "image/png"), timeout=0.001)
+            return await client.send(b"next", "image/png")
+        finally:
+            client.close()
+
+    Echo.connections.clear()
+    assert asyncio.run(run()) == (200, b"image/png|next")
+    assert len(Echo.connections) == 2  # the out-of-step connection was replaced
