@@ -8,6 +8,7 @@ bicubic upscaling), which is what torchvision's `Resize` computes on a PIL image
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import warnings
@@ -211,6 +212,11 @@ class ImagePreprocessor:
         return target
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        mean, std = self._mean_std
         return pixels.float().div_(255.0).sub_(mean).div_(std)
+
+    @functools.cached_property
+    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Built once, not per image."""
+        return (torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1))

@@ -48,21 +48,16 @@ class LoadResult:
 
 
 class RestClient:
-    """One keep-alive connection per user (loadtest/http1.py): the cheapest client this machine can run."""
+    """One user's keep-alive connection (loadtest/http1.py): the cheapest client this machine can run."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.users: dict[int, Http1Client] = {}
+        self.http = Http1Client(url)
 
-    async def send(self, case: Case, user: int = 0) -> tuple[int, bytes]:
-        client = self.users.get(user)
-        if client is None:
-            client = self.users[user] = Http1Client(self.url)
-        return await client.send(case.body, case.content_type)
+    async def send(self, case: Case) -> tuple[int, bytes]:
+        return await self.http.send(case.body, case.content_type)
 
     async def close(self) -> None:
-        for client in self.users.values():
-            client.close()
+        self.http.close()
 
 
 class GrpcClient:
@@ -79,7 +74,7 @@ class GrpcClient:
         self.model = model
         self.timeout_s = timeout_s
 
-    async def send(self, case: Case, user: int = 0) -> tuple[int, bytes]:
+    async def send(self, case: Case) -> tuple[int, bytes]:
         import grpc
 
         request = self.stubs.inference.PredictionsRequest(model_name=self.model, input={"data": case.body})
@@ -99,13 +94,13 @@ def grpc_status_to_http(code: Any) -> int:
     return names.get(getattr(code, "name", ""), 500)
 
 
-async def _user(client: RestClient | GrpcClient, cases: list[Case], user: int, offset: int, warmup_end: float,
+async def _user(client: RestClient | GrpcClient, cases: list[Case], offset: int, warmup_end: float,
                 result: LoadResult) -> None:
     """Send, check, repeat; every answer that arrives after the warm-up is recorded (the caller stops us)."""
     for case in itertools.islice(itertools.cycle(cases), offset, None):
         sent = time.perf_counter()
         try:
-            status, body = await client.send(case, user)
+            status, body = await client.send(case)
             reason = check(case, status, body)
         except Exception as exc:  # a refused connection or a timeout is a failed request, not a crash
             reason = type(exc).__name__
@@ -121,25 +116,26 @@ async def run_load(cases: list[Case], users: int, duration_s: float, *, url: str
     Answers that arrive within the measured window count, whenever they were sent, so a server slower
     than the window still shows its throughput; requests still in flight at the end are cancelled.
     """
-    client: RestClient | GrpcClient
+    clients: list[RestClient | GrpcClient]
     if grpc_target:
-        client = GrpcClient(grpc_target, model)
+        clients = [GrpcClient(grpc_target, model)] * users  # one HTTP/2 channel carries every user's calls
     elif url:
-        client = RestClient(url)
+        clients = [RestClient(url) for _ in range(users)]
     else:
         raise ValueError("give url or grpc_target")
     result = LoadResult()
     warmup_end = time.perf_counter() + warmup_s
     # Spread users over the payloads so a batch holds different bodies.
     step = max(1, len(cases) // max(1, users))
-    tasks = [asyncio.create_task(_user(client, cases, n, n * step, warmup_end, result)) for n in range(users)]
+    tasks = [asyncio.create_task(_user(clients[n], cases, n * step, warmup_end, result)) for n in range(users)]
     try:
         await asyncio.wait(tasks, timeout=warmup_s + duration_s)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await client.close()
+        for client in dict.fromkeys(clients):
+            await client.close()
     result.elapsed_s = duration_s
     return result
 

@@ -111,3 +111,13 @@ def test_tuned_setting_is_written_into_a_model_config_keeping_comments(tmp_path:
     assert (loaded["minWorkers"], loaded["maxWorkers"], loaded["batchSize"], loaded["maxBatchDelay"]) == (2, 2, 8, 3)
     assert loaded["handler"]["threads"] == 1
     assert "# ms to wait for a batch to fill" in config.read_text()
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_loadgen_gets_only_right_answers_over_rest_and_grpc(digits_server, digits_cases, protocol: str) -> None:
+    if protocol == "rest":
+        target = {"url": f"{digits_server.url('inference')}/predictions/digits"}
+    else:
+        target = {"grpc_target": f"127.0.0.1:{digits_server.props['grpc_inference_port']}", "model": "digits"}
+    result = load(digits_cases, 4, 2.0, **target)
+    assert len(result.latency_ms) > 10 and result.failed == 0, result.failures

@@ -82,20 +82,17 @@ def build(architecture: str) -> PreparedModel:
     )
 
 
-RESNET18 = ModelSpec(
-    name="resnet18",
-    revision=1,
-    factory=partial(build, "resnet18"),
-    handler="handlers/image_handler.py",
-    description="torchvision ResNet-18, random weights, ImageNet labels (serving-path and throughput model)",
-)
+def spec(architecture: str, title: str) -> ModelSpec:
+    return ModelSpec(
+        name=architecture,
+        revision=1,
+        factory=partial(build, architecture),
+        handler="handlers/image_handler.py",
+        description=f"torchvision {title}, random weights, ImageNet labels (serving-path and throughput model)",
+    )
 
-RESNET50 = ModelSpec(
-    name="resnet50",
-    revision=1,
-    factory=partial(build, "resnet50"),
-    handler="handlers/image_handler.py",
-    description="torchvision ResNet-50, random weights, ImageNet labels (serving-path and throughput model)",
-)
+
+RESNET18 = spec("resnet18", "ResNet-18")
+RESNET50 = spec("resnet50", "ResNet-50")
 
 SPECS = (RESNET18, RESNET50)
