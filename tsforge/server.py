@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import requests
 
@@ -253,8 +253,10 @@ class TorchServe:
             r = requests.get(self.url("management") + path, headers=self.auth("management"), timeout=2)
             if r.status_code != 200:
                 return False, f"HTTP {r.status_code} {r.text[:200]}"
-            workers = [w for entry in r.json() for w in entry.get("workers", [])]
-            return any(w.get("status") == "READY" for w in workers), f"workers {workers}"
+            counts = [(_ready_workers(e), int(e.get("minWorkers") or 0)) for e in r.json()]
+            # Each version's minWorkers, not any one worker: the others may not even be listed yet.
+            ok = any(ready for ready, _ in counts) and all(ready >= wanted for ready, wanted in counts)
+            return ok, f"READY/minWorkers per version: {counts}"
         except (requests.RequestException, ValueError) as exc:
             return False, str(exc)
 
@@ -290,6 +292,10 @@ class TorchServe:
         """Remove the pid file if it names `pid`: a later instance in the same run folder keeps its own."""
         if pid is None or self._pid() == pid:
             self.pid_file.unlink(missing_ok=True)
+
+
+def _ready_workers(entry: dict[str, Any]) -> int:
+    return sum(w.get("status") == "READY" for w in entry.get("workers", []))
 
 
 def _expired(stamp: str | None) -> bool:
