@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from export.spec import ExportError, ExportReport, ModelSpec, PreparedModel
+from export.variants import export_variants
 
 
 def _outputs(result: object) -> list[torch.Tensor]:
@@ -66,6 +67,7 @@ def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     pt_file = out_dir / f"{spec.name}.pt"
     traced.save(str(pt_file))
+    artefacts = export_variants(spec, prepared, out_dir, pt_file.name)
     report = ExportReport(
         model=spec.name,
         revision=spec.revision,
@@ -75,7 +77,8 @@ def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None 
         input_shapes=[list(t.shape) for t in prepared.example_inputs],
         metrics=prepared.metrics,
         torch_version=torch.__version__,
-        extra_files=sorted(prepared.extra_files),
+        extra_files=sorted([*prepared.extra_files, *(entry["file"] for entry in artefacts.values())]),
+        artefacts=artefacts,
     )
     (out_dir / "export.json").write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
     if prepared.labels is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,6 +19,8 @@ class PreparedModel:
 
     `example_inputs` is used for tracing; `check_inputs` (held-out data) for the parity check.
     `metrics` holds figures measured by the factory itself, such as test accuracy.
+    `calibration` (real inputs, batched along the first axis) calibrates int8 exports;
+    `quality(fp32_runner, runner)` measures what a variant costs in accuracy on held-out data.
     """
 
     module: torch.nn.Module
@@ -26,6 +29,8 @@ class PreparedModel:
     labels: list[str] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    calibration: tuple[torch.Tensor, ...] | None = None
+    quality: Callable[[Callable[..., torch.Tensor], Callable[..., torch.Tensor]], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ class ModelSpec:
     handler:    the handler file that serves it, relative to the project root
     tolerance:  largest allowed max-abs difference between eager and traced outputs
     freeze:     run `torch.jit.freeze` on the traced module (folds weights as constants)
+    variants:   further exports (export/variants.py): int8, onnx, onnx-int8, aotinductor
+    int8:       "static" (calibrated, for CNNs) or "dynamic" (Linear layers, for transformers)
+    int8_bound: the quality metrics to (within bound, the bound in words); `auto` serves an int8 export only
+                when it is within
     """
 
     name: str
@@ -48,6 +57,9 @@ class ModelSpec:
     freeze: bool = False
     strict_trace: bool = True
     description: str = ""
+    variants: tuple[str, ...] = ()
+    int8: str = "static"
+    int8_bound: Callable[[dict[str, float]], tuple[bool, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,3 +73,4 @@ class ExportReport:
     metrics: dict[str, float]
     torch_version: str
     extra_files: list[str] = field(default_factory=list)
+    artefacts: dict[str, Any] = field(default_factory=dict)

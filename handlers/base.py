@@ -5,13 +5,16 @@ optionally `collate`, `infer` and `encode` (one result row to JSON). The base do
 
 - reads the archive's `model-config.yaml` `handler:` section into `self.config`,
 - picks the device (`cuda:<gpu_id>` when there is a GPU), sets torch threads per worker,
-- loads the TorchScript file (`torch.jit.load`, no pickle),
+- loads the variant of the exported model that serves fastest here (`handlers.autoselect`: backend,
+  precision and fusion named in the config or measured at start; no pickle anywhere),
 - answers each bad request with its own 4xx JSON and lets the rest of the batch through,
 - reports decode/inference/encode times, batch size and errors as custom metrics.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +26,8 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import oip, provenance
+from handlers import autoselect, oip, provenance, runtimes
+from handlers.capabilities import detect
 from handlers.errors import InvalidInput, RequestError, internal_error_body
 from handlers.payload import extract, parse_json_bytes
 from handlers.telemetry import Telemetry
@@ -35,7 +39,6 @@ JSON = "application/json"
 Reply = bool | oip.InferRequest
 #: response header that names the archive version which answered (HTTP only: gRPC has no headers here)
 VERSION_HEADER = "X-Model-Version"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def default_threads(workers: int) -> int:
@@ -45,6 +48,12 @@ def default_threads(workers: int) -> int:
     return max(1, ((os.cpu_count() or 1) - 1) // max(1, workers))
 
 
+def probability_discrepancy(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """For classifiers: the largest change of any class probability, which is what a client sees."""
+    change = torch.softmax(output.float(), dim=-1) - torch.softmax(reference.float(), dim=-1)
+    return float(change.abs().max())
+
+
 class ArchiveIntegrityError(RuntimeError):
     """The unpacked archive differs from its version file: tampered, or files of two versions mixed."""
 
@@ -52,8 +61,12 @@ class ArchiveIntegrityError(RuntimeError):
 class BatchHandler(BaseHandler):  # type: ignore[misc]
     """Subclass and implement `decode`; override `collate`, `infer` and `encode` as needed."""
 
-    #: torch dtype the model runs in when `handler.precision` is not set
-    default_precision = "fp32"
+    #: `handler.precision` / `handler.backend` when the config names none
+    default_precision = autoselect.AUTO
+    default_backend = autoselect.AUTO
+    default_fusion = autoselect.AUTO
+    #: the largest discrepancy from fp32 that `auto` accepts, in the units of `discrepancy`
+    default_tolerance = 0.01
 
     def initialize(self, context: Any) -> None:
         self.context = context
@@ -62,35 +75,38 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         self.config: dict[str, Any] = dict((context.model_yaml_config or {}).get("handler") or {})
         self.device = self._pick_device(properties)
         self._set_threads(context)
-        precision = str(self.config.get("precision", self.default_precision))
-        if precision not in PRECISIONS:
-            raise ValueError(f"model-config.yaml handler.precision is {precision!r}; expected one of "
-                             f"{', '.join(PRECISIONS)}")
-        self.dtype = PRECISIONS[precision]
+        self.settings = autoselect.Settings.from_config(
+            {"precision": self.default_precision, "backend": self.default_backend,
+             "onednn_fusion": self.default_fusion, **self.config},
+            tolerance=self.default_tolerance)
         self.channels_last = bool(self.config.get("channels_last", False))
+        self.batch_size = int((context.model_yaml_config or {}).get("batchSize") or 1)
         self.version = self.check_archive()
-        self.telemetry = Telemetry(context, float(self.config.get("metrics_interval_s", 0.0)))
+        self.telemetry = Telemetry(context, float(self.config.get("metrics_interval_s", 0.0)), version=self.version)
+        self.selection: dict[str, Any] = {}
         self.setup()
         self.initialized = True
-        log.info("%s %s ready on %s (%s, threads=%d)", type(self).__name__, self.version, self.device, self.dtype,
-                 torch.get_num_threads())
+        log.info("%s %s ready on %s (%s, threads=%d)", type(self).__name__, self.version, self.device,
+                 self.selection.get("variant", "custom model"), torch.get_num_threads())
 
     # ---- hooks -------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Load the model. The default loads the archive's TorchScript file."""
-        self.model = self.load_torchscript()
+        """Load the model. The default loads the fastest variant of the archive's export (`load_model`)."""
+        self.model = self.load_model()
 
     def decode(self, payload: Any) -> Any:
         """One request's payload to one model input item; raise a RequestError when it is bad."""
         raise NotImplementedError
 
     def collate(self, items: list[Any]) -> Any:
-        batch = torch.stack(items).to(self.device, non_blocking=True)
-        if batch.is_floating_point():
-            batch = batch.to(self.dtype)
-        if self.channels_last and batch.dim() == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        """Stack the items on the worker's device; the runner casts to its precision and memory format."""
+        return torch.stack(items).to(self.device, non_blocking=True)
+
+    def prepare_batch(self, items: list[Any]) -> list[Any]:
+        """Batch-level work between every request's `decode` and `collate` (e.g. decoding all of a batch's
+        images in one GPU call): one entry per item, either the item `collate` gets or the RequestError that
+        answers the item's request (the others are answered normally). The default changes nothing."""
+        return items
 
     def infer(self, batch: Any) -> Any:
         return self.model(batch)
@@ -98,6 +114,12 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
     def encode(self, row: Any) -> Any:
         """One result row to a JSON-serialisable value."""
         raise NotImplementedError
+
+    def discrepancy(self, reference: torch.Tensor, output: torch.Tensor) -> float:
+        """How far a variant's raw model output is from fp32's on the same batch, for `precision: auto`:
+        by default the largest difference relative to the reference's largest magnitude."""
+        scale = max(float(reference.abs().max()), 1e-6)
+        return float((output.float() - reference.float()).abs().max()) / scale
 
     def decode_v2(self, request: oip.InferRequest) -> list[Any]:
         """A v2 request's items: by default one input tensor whose slices along the first axis (or BYTES
@@ -119,6 +141,8 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
     # ---- the TorchServe entry point ----------------------------------------------------------
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         self.context = context
+        if context.get_request_header(0, "describe") == "True":  # GET /models/NAME?customized=true
+            return [json.dumps(self.describe()).encode()]
         responses: list[bytes | None] = [None] * len(data)
         groups: list[tuple[int, int, Reply]] = []  # (request index, item count, answer form)
         items: list[Any] = []
@@ -137,6 +161,8 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
                 continue
             groups.append((idx, len(decoded), reply))
             items.extend(decoded)
+        if items:
+            groups, items = self._prepare(groups, items, responses)
         decoded_at = time.perf_counter()
         if items:
             try:
@@ -180,6 +206,33 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
                     raise type(exc)(f"instance {n}: {exc.message}") from None
             return decoded, True
         return [self.decode(payload)], False
+
+    def _prepare(self, groups: list[tuple[int, int, Reply]], items: list[Any],
+                 responses: list[bytes | None]) -> tuple[list[tuple[int, int, Reply]], list[Any]]:
+        """Run `prepare_batch`; a request with an item that failed there gets that item's 4xx, the rest go on."""
+        try:
+            prepared = self.prepare_batch(items)
+        except Exception as exc:
+            log.exception("batch decoding failed for a batch of %d", len(items))
+            for idx, _, reply in groups:
+                responses[idx] = self._fail(idx, exc, reply)
+            return [], []
+        kept_groups: list[tuple[int, int, Reply]] = []
+        kept_items: list[Any] = []
+        cursor = 0
+        for idx, count, reply in groups:
+            chunk = prepared[cursor : cursor + count]
+            cursor += count
+            failed = next(((n, e) for n, e in enumerate(chunk) if isinstance(e, RequestError)), None)
+            if failed is None:
+                kept_groups.append((idx, count, reply))
+                kept_items.extend(chunk)
+                continue
+            n, error = failed
+            if count > 1:
+                error = type(error)(f"item {n}: {error.message}")
+            responses[idx] = self._reject(idx, error, reply)
+        return kept_groups, kept_items
 
     def _infer_rows(self, items: list[Any]) -> Sequence[Any]:
         with torch.inference_mode():
@@ -244,18 +297,72 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
             raise ArchiveIntegrityError(message)
         return str(provenance.read(self.model_dir)["version"])
 
-    def load_torchscript(self) -> torch.jit.ScriptModule:
-        manifest = self.context.manifest or {}
-        serialized = (manifest.get("model") or {}).get("serializedFile")
+    def describe(self) -> dict[str, Any]:
+        """The management API's `customizedMetadata`: the version and how this worker runs the model."""
+        return {"version": self.version, "device": str(self.device), "threads": torch.get_num_threads(),
+                "selection": self.selection}
+
+    def load_model(self) -> runtimes.Runner:
+        """The runner of the variant this worker serves: named in the config, or measured (`auto`) on the
+        archive's example inputs. The choice and its timings go to the model log and to `describe`."""
+        serialized = ((self.context.manifest or {}).get("model") or {}).get("serializedFile")
         if not serialized:
-            raise RuntimeError("the archive has no serialized TorchScript file")
-        model: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
-            str(self.model_dir / serialized), map_location=self.device
-        )
-        model.eval()
-        if self.dtype != torch.float32:
-            model = model.to(self.dtype)
-        return model
+            raise RuntimeError("the archive has no serialized model file")
+        artefacts = runtimes.Artefacts.read(self.model_dir, serialized)
+        capabilities = detect(self.device)
+        variants = autoselect.candidates(self.settings, capabilities, artefacts)
+        if not variants:
+            raise ValueError(f"no variant of this archive runs on {capabilities.name} with backend="
+                             f"{self.settings.backend}, precision={self.settings.precision}; the archive has "
+                             f"{', '.join(['torchscript', *artefacts.extra]) or 'no model file'}")
+        load = functools.partial(runtimes.load, artefacts=artefacts, device=self.device,
+                                 channels_last=self.channels_last)
+        selection: dict[str, Any] = {"capabilities": capabilities.to_json(),
+                                     "candidates": [v.name for v in variants]}
+        if len(variants) == 1:
+            runner, decided = load(variants[0]), {"variant": variants[0].name, **variants[0].to_json(),
+                                                  "reason": "the only candidate for these settings here"}
+        else:
+            runner, decided = self._measure_or_reuse(variants, load)
+        self.selection = {**selection, **decided}
+        log.info("serving %s: %s", self.selection["variant"], json.dumps(self.selection))
+        return runner
+
+    def _measure_or_reuse(self, variants: list[runtimes.Variant],
+                          load: Any) -> tuple[runtimes.Runner, dict[str, Any]]:
+        record = (self.model_dir / provenance.VERSION_FILE).read_bytes()  # binds the key to these exact files
+        key = json.dumps([hashlib.sha256(record).hexdigest(), str(self.device), torch.get_num_threads(),
+                          self.batch_size, repr(self.settings), [v.name for v in variants]])
+        with autoselect.shared_decision(key) as shared:
+            known = autoselect.remembered(shared)
+            if known is not None and known in variants:
+                decided = json.loads(shared.read_text())
+                return load(known), {**decided, "reason": f"measured by worker {decided.get('pid')}: "
+                                                          f"{decided.get('reason')}"}
+            inputs = self.sample_inputs()
+            if inputs is None:
+                return load(variants[0]), {"variant": variants[0].name, **variants[0].to_json(),
+                                           "reason": "no example inputs in the archive to measure on"}
+            trials = autoselect.run_trials(variants, load, inputs, self.discrepancy)
+            best = autoselect.pick(trials, self.settings.tolerance, self.settings.margin)
+            choice = autoselect.Choice(best.variant, True, f"fastest within {self.settings.tolerance} of fp32 on a "
+                                       f"batch of {self.batch_size} example inputs", trials)
+            autoselect.remember(shared, choice)
+            assert best.runner is not None
+            return best.runner, choice.to_json()
+
+    def sample_inputs(self) -> tuple[torch.Tensor, ...] | None:
+        """A full batch built from the archive's `examples.json` requests, as `infer` receives it."""
+        examples = self.model_dir / "examples.json"
+        if not examples.is_file():
+            return None
+        items: list[Any] = []
+        for case in json.loads(examples.read_text()):
+            items.extend(self._decode_request(case["input"])[0])
+        if not items:
+            return None
+        batch = self.collate((items * self.batch_size)[: self.batch_size])
+        return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.model_dir / name).read_text())

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handlers.base import BatchHandler
+from handlers.base import BatchHandler, probability_discrepancy
 from handlers.errors import InvalidInput
 from handlers.images import open_image, to_mode
 from handlers.payload import as_array, as_bytes, is_numeric_json, unwrap
@@ -21,11 +21,16 @@ class DigitsHandler(BatchHandler):
     array of 64 ink intensities in [0, 1] shaped 8x8, 1x8x8 or flat. Returns
     `{"label": "7", "probabilities": {"7": 0.98, ...}}` with the top 3 classes."""
 
+    default_tolerance = 0.02
+
     def setup(self) -> None:
-        super().setup()
         self.labels = self.read_labels()
         self.top_k = int(self.config.get("top_k", 3))
         self.max_pixels = int(self.config.get("max_pixels", 4_000_000))
+        super().setup()
+
+    def discrepancy(self, reference: torch.Tensor, output: torch.Tensor) -> float:
+        return probability_discrepancy(reference, output)
 
     def decode(self, payload: Any) -> torch.Tensor:
         payload = unwrap(payload)

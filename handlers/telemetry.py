@@ -1,7 +1,8 @@
 """Custom handler metrics through TorchServe's `context.metrics`.
 
 Every name here is declared in config/metrics.yaml (model_metrics), which is how TorchServe's
-Prometheus endpoint learns of them.
+Prometheus endpoint learns of them. Every value is labelled ModelName, ModelVersion (the archive's version)
+and Level, in that order: TorchServe's frontend gives the values of a metric line the names declared there.
 
 The timing gauges are emitted per batch, as TorchServe's own are, unless `handler.metrics_interval_s`
 is set: then they are means over windows of that length. Each emitted value is a log line the worker
@@ -16,7 +17,7 @@ from typing import Any
 
 from ts.metrics.metric_type_enum import MetricTypes
 
-DIMENSIONS = ["ModelName", "Level"]
+DIMENSIONS = ["ModelName", "ModelVersion", "Level"]
 GAUGES = {
     "HandlerDecodeTime": "ms",
     "HandlerInferenceTime": "ms",
@@ -33,11 +34,13 @@ class Telemetry:
     reported by the first batch that ends `interval_s` or more after the last report.
     """
 
-    def __init__(self, context: Any, interval_s: float = 0.0) -> None:
+    def __init__(self, context: Any, interval_s: float = 0.0, *, version: str | None = None) -> None:
         if interval_s < 0:
             raise ValueError(f"the metrics interval must be >= 0 seconds, got {interval_s}")
         self.metrics = getattr(context, "metrics", None)
         self.model = getattr(context, "model_name", None) or "unknown"
+        self.version = version or manifest_version(context)
+        self._labels = [self.model, self.version, "Model"]
         self.interval_s = interval_s
         self._gauges: dict[str, Any] = {}
         self._errors: Any = None
@@ -65,11 +68,17 @@ class Telemetry:
         if now < self._due:
             return
         for name, total in sums.items():
-            self._gauges[name].add_or_update(round(total / self._batches, 3), [self.model, "Model"])
+            self._gauges[name].add_or_update(round(total / self._batches, 3), self._labels)
         self._sums = dict.fromkeys(GAUGES, 0.0)
         self._batches = 0
         self._due = now + self.interval_s
 
     def error(self, kind: str) -> None:
         if self._errors is not None:
-            self._errors.add_or_update(1, [self.model, "Model", kind])
+            self._errors.add_or_update(1, [*self._labels, kind])
+
+
+def manifest_version(context: Any) -> str:
+    """The version the archive was built with (MANIFEST.json), for a caller that names none."""
+    manifest = getattr(context, "manifest", None) or {}
+    return str((manifest.get("model") or {}).get("modelVersion") or "unknown")

@@ -30,8 +30,12 @@ class TensorHandler(BatchHandler):
     dimension. The shape and dtype are checked against the declared input; the answer is
     `{"output": nested list, "shape": [...], "dtype": "float32"}`."""
 
+    # Raw tensors out: served exactly as exported unless the config asks otherwise.
+    default_precision = "fp32"
+    default_backend = "torchscript"
+    default_fusion = "false"
+
     def setup(self) -> None:
-        super().setup()
         spec = self.config.get("input")
         if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
             raise ValueError("model-config.yaml needs handler.input: {shape: [...], dtype: ...}")
@@ -41,6 +45,7 @@ class TensorHandler(BatchHandler):
         if self.casting not in CASTING_RULES:
             raise ValueError(f"handler.casting must be one of {CASTING_RULES}; got {self.casting!r}")
         self.max_elements = int(self.config.get("max_elements", 1 << 22))
+        super().setup()
 
     @property
     def expected(self) -> str:

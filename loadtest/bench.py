@@ -9,6 +9,8 @@
             the forward pass alone
 
 Every answer is checked against the in-process reference; throughput counts correct answers only.
+With --matrix, the archive is also served with each backend x precision x fusion pinned (loadtest/matrix.py)
+at the highest level, beside the variant `auto` chose (read from the management API's model description).
 Writes reports/bench/MODEL/bench.json, bench.md (the table) and bench.png (throughput vs P99).
 """
 
@@ -31,12 +33,12 @@ import requests
 import yaml
 
 from export.registry import get
-from loadtest import report
-from loadtest.inprocess import ceiling, prepared_cases, unpack
+from loadtest import matrix, report
+from loadtest.inprocess import PLAIN_FP32, ceiling, prepared_cases, unpack
 from loadtest.loadgen import load
 from loadtest.monitor import MetricsScraper, monitored
 from loadtest.payloads import Case
-from loadtest.serving import torchserve
+from loadtest.serving import selection, torchserve
 from tsforge.project import ROOT
 from tsforge.server import free_port
 
@@ -78,9 +80,12 @@ def measure(cases: list[Case], level: int, duration: float, url: str, pid: int |
 
 
 def run_torchserve(label: str, model: str, store: Path, cases: list[Case], levels: list[int],
-                   duration: float, warmup: float) -> list[dict[str, Any]]:
+                   duration: float, warmup: float, described: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows for each level; `described` receives the handler's description of how it runs the model."""
     rows = []
     with torchserve([model], store=store, name=f"bench-{label}") as server:
+        if described is not None:
+            described.update(selection(server, model))
         url = f"{server.url('inference')}/predictions/{model}"
         load(cases, max(levels), warmup, url=url, warmup_s=0.0)  # the JVM's JIT, TorchScript profiling, oneDNN caches
         for level in levels:
@@ -131,6 +136,24 @@ def run_flask(model: str, mar: Path, cases: list[Case], levels: list[int], durat
     return rows
 
 
+def run_matrix(model: str, mar: Path, payload_count: int, level: int, duration: float,
+               warmup: float) -> dict[str, Any]:
+    rows = []
+    for n, variant in enumerate(matrix.cells(mar, ROOT / "build" / model)):
+        store = BENCH_BUILD / "matrix" / str(n)
+        pinned = matrix.pinned_archive(model, variant, mar, ROOT / "build", store)
+        cases = [c for c in prepared_cases(model, pinned, payload_count) if c.raw]  # this variant's own answers
+        print(f"  matrix cell {variant.name}", flush=True)
+        try:
+            measured = run_torchserve(f"m{n}", model, pinned.parent, cases, [level], duration, warmup)[0]
+        except Exception as exc:  # a variant that cannot start here is a finding, not the end of the bench
+            rows.append({"variant": variant.name, "native": matrix.native(variant), "error": str(exc)[:500]})
+            continue
+        rows.append({"variant": variant.name, "native": matrix.native(variant), "qps": measured["qps"],
+                     "p99_ms": measured["latency_ms"]["p99"], "success_rate": measured["success_rate"]})
+    return {"level": level, "rows": rows}
+
+
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """qps and P99 of each row relative to tsforge at the same concurrency."""
     base = {r["level"]: r for r in rows if r["target"] == "tsforge"}
@@ -152,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of load on each server before measuring (TorchServe's JVM takes ~20 s of load "
                              "to compile its hot paths)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"any of {', '.join(TARGETS)}")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=FILE.mar",
+                        help="also serve another build of the archive (e.g. one from an earlier commit) as LABEL")
+    parser.add_argument("--matrix", action="store_true",
+                        help="also serve each backend x precision x fusion pinned, at the highest level")
     parser.add_argument("--payload-count", type=int, default=32)
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--out", type=Path, help="default: reports/bench/MODEL")
@@ -164,21 +191,36 @@ def main(argv: list[str] | None = None) -> int:
     mar = args.store / f"{args.model}.mar"
     # Raw bodies only: what every server accepts alike (stock handlers take no JSON envelopes).
     cases = [c for c in prepared_cases(args.model, mar, args.payload_count) if c.raw]
+    # The stock handler and Flask run the plain fp32 export: their answers are checked against that.
+    fp32_cases = [c for c in prepared_cases(args.model, mar, args.payload_count, handler_overrides=PLAIN_FP32)
+                  if c.raw]
     config = yaml.safe_load((unpack(mar) / "model-config.yaml").read_text()) or {}
     started = time.time()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     print(f"bench {args.model}: {len(cases)} payloads, levels {levels}, {args.duration:g} s each", flush=True)
+    described: dict[str, Any] = {}
     if "tsforge" in targets:
-        rows += run_torchserve("tsforge", args.model, args.store, cases, levels, args.duration, args.warmup)
+        rows += run_torchserve("tsforge", args.model, args.store, cases, levels, args.duration, args.warmup,
+                               described)
+    for label, other in (c.split("=", 1) for c in args.compare):
+        store = BENCH_BUILD / "compare" / label
+        store.mkdir(parents=True, exist_ok=True)
+        (store / f"{args.model}.mar").write_bytes(Path(other).read_bytes())
+        other_cases = [c for c in prepared_cases(args.model, store / f"{args.model}.mar", args.payload_count)
+                       if c.raw]
+        rows += run_torchserve(label, args.model, store, other_cases, levels, args.duration, args.warmup)
+    matrix_result = None
+    if args.matrix:
+        matrix_result = run_matrix(args.model, mar, args.payload_count, max(levels), args.duration, args.warmup)
     if "stock" in targets:
         stock = stock_archive(args.model, BENCH_BUILD / "stock-store")
         if stock is None:
             notes.append(f"stock: TorchServe has no stock handler for {get(args.model).handler}")
         else:
-            rows += run_torchserve("stock", args.model, stock.parent, cases, levels, args.duration, args.warmup)
+            rows += run_torchserve("stock", args.model, stock.parent, fp32_cases, levels, args.duration, args.warmup)
     if "flask" in targets:
-        rows += run_flask(args.model, mar, cases, levels, args.duration, args.warmup)
+        rows += run_flask(args.model, mar, fp32_cases, levels, args.duration, args.warmup)
     ceiling_result = None
     if "ceiling" in targets:
         batch = int(config.get("batchSize", 16))
@@ -199,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                      "mean_bytes": round(sum(len(c.body) for c in cases) / max(1, len(cases)))},
         "command": "python -m loadtest.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "rows": with_ratios(rows),
+        "selection": described,
+        "matrix": matrix_result,
         "ceiling": ceiling_result,
         "notes": notes,
         "machine": report.machine(),

@@ -106,9 +106,15 @@ def _as_bytes(body: Any) -> bytes:
     return body.encode() if isinstance(body, str) else json.dumps(body).encode()
 
 
-def reference_answers(mar: Path, cases: list[Case]) -> list[Case]:
-    """The cases with `expect` set from the archive's own handler; ambiguous or failing ones dropped."""
-    local = LocalHandler.load(mar)
+#: handler settings that make the archive's handler run the plain fp32 TorchScript export, as the stock handler
+#: and the Flask baseline do: their answers are checked against this reference
+PLAIN_FP32 = {"backend": "torchscript", "precision": "fp32", "onednn_fusion": False}
+
+
+def reference_answers(mar: Path, cases: list[Case], handler_overrides: dict[str, Any] | None = None) -> list[Case]:
+    """The cases with `expect` set from the archive's own handler (run as the server runs it, or with
+    `handler_overrides`); ambiguous or failing ones dropped."""
+    local = LocalHandler.load(mar, handler_overrides)
     kept = []
     for case in cases:
         status, body = local.handle([case])[0]
@@ -166,16 +172,18 @@ def _model_rate(local: LocalHandler, batch: list[Case], duration_s: float) -> fl
     return done / (time.perf_counter() - started)
 
 
-def prepared_cases(model: str, mar: Path, count: int = 32, seed: int = 0) -> list[Case]:
+def prepared_cases(model: str, mar: Path, count: int = 32, seed: int = 0,
+                   handler_overrides: dict[str, Any] | None = None) -> list[Case]:
     """The model's payloads with reference answers, cached per archive content in build/loadtest."""
     from loadtest import payloads
     from loadtest.payloads import load, raw_cases, save
 
     # Keyed by the archive and by the payload code: either changing makes new references.
-    digest = hashlib.sha256(mar.read_bytes() + Path(payloads.__file__).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(mar.read_bytes() + Path(payloads.__file__).read_bytes()
+                            + json.dumps(handler_overrides, sort_keys=True).encode()).hexdigest()[:16]
     cache = ROOT / "build" / "loadtest" / "payloads" / f"{model}-{digest}-{count}-{seed}.json"
     if cache.is_file():
         return load(cache)
-    cases = reference_answers(mar, raw_cases(model, mar, count, seed))
+    cases = reference_answers(mar, raw_cases(model, mar, count, seed), handler_overrides)
     save(cases, cache)
     return cases

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loadtest import matrix
 from tsforge.project import ROOT
 
 TARGET_NAMES = {
@@ -73,7 +74,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
         if best and ceiling["handler_items_per_s"]:
             lines.append(f"Best served tsforge throughput is {best / ceiling['handler_items_per_s']:.0%} of the "
                          "in-process handler ceiling.")
-    lines += ["", *breakdown_markdown(result), *(f"- note: {n}" for n in result.get("notes", []))]
+    lines += [*matrix.markdown(result), "", *breakdown_markdown(result),
+              *(f"- note: {n}" for n in result.get("notes", []))]
     return "\n".join(lines) + "\n"
 
 

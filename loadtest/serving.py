@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import requests
 
 from tsforge.project import ROOT
 from tsforge.server import TorchServe, free_port_overrides, model_args
@@ -31,3 +35,16 @@ def torchserve(models: Sequence[str], *, store: Path = ROOT / "model_store", nam
         yield server
     finally:
         server.stop()
+
+
+def selection(server: TorchServe, model: str) -> dict[str, Any]:
+    """How the server's workers run `model`: the handler's description (backend, precision, fusion, the
+    timings `auto` measured), from the management API; empty for handlers that describe nothing."""
+    response = requests.get(f"{server.url('management')}/models/{model}", params={"customized": "true"},
+                            headers=server.auth("management"), timeout=30)
+    response.raise_for_status()
+    metadata = response.json()[0].get("customizedMetadata") or {}
+    if isinstance(metadata, str):
+        metadata = json.loads(metadata)
+    found: dict[str, Any] = metadata.get("selection") or {}
+    return found

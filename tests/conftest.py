@@ -6,12 +6,15 @@ import io
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from export.models.digits import load_split
+from handlers import runtimes
 from tsforge.server import TorchServe, free_port_overrides, model_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +36,13 @@ def configured_workers(name: str) -> int:
     import yaml
 
     return int(yaml.safe_load((ROOT / "config" / "models" / f"{name}.yaml").read_text())["maxWorkers"])
+
+
+def offline_runner(model: str, selection: dict[str, Any], *, channels_last: bool = False) -> runtimes.Runner:
+    """The variant a server chose, loaded here from the export folder: the same program, in-process."""
+    variant = runtimes.Variant(selection["backend"], selection["precision"], selection["fusion"])
+    artefacts = runtimes.Artefacts.read(BUILD / model, f"{model}.pt")
+    return runtimes.load(variant, artefacts, torch.device("cpu"), channels_last=channels_last)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

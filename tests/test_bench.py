@@ -17,8 +17,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def bench_reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reports = tmp_path_factory.mktemp("reports")
-    subprocess.run(["make", "-s", "bench", "MODEL=digits", "LEVELS=1,4", "DURATION=2", "BENCH_ARGS=--warmup 1",
-                    f"REPORTS={reports}"], cwd=ROOT, check=True)
+    subprocess.run(["make", "-s", "bench", "MODEL=digits", "LEVELS=1,4", "DURATION=2",
+                    "BENCH_ARGS=--warmup 1 --matrix", f"REPORTS={reports}"], cwd=ROOT, check=True)
     return reports / "bench" / "digits"
 
 
@@ -39,6 +39,20 @@ def test_bench_measures_every_applicable_server_at_every_level(bench_reports: Pa
     ceiling = result["ceiling"]
     assert ceiling["handler_items_per_s"] > 0 and ceiling["model_items_per_s"] >= ceiling["handler_items_per_s"]
     assert result["machine"]["cores"] >= 1 and "loadtest.bench" in result["command"]
+
+
+def test_bench_matrix_serves_every_variant_beside_autos_choice(bench_reports: Path) -> None:
+    result = json.loads((bench_reports / "bench.json").read_text())
+    chosen = result["selection"]["variant"]
+    cells = {row["variant"]: row for row in result["matrix"]["rows"]}
+    assert result["matrix"]["level"] == 4 and chosen in cells
+    assert {"torchscript-fp32", "torchscript-int8", "onnxruntime-fp32", "onnxruntime-int8",
+            "aotinductor-fp32"} <= set(cells)
+    assert all(row.get("qps", 0) > 0 and row["success_rate"] == 1.0 for row in cells.values()), cells
+    assert result["selection"]["capabilities"]["device"] == "cpu"
+    table = (bench_reports / "bench.md").read_text()
+    assert "#### Backend x precision x fusion at concurrency 4" in table and "CPU flags torch reports" in table
+    assert f"| {chosen} (auto's choice) |" in table
 
 
 def test_bench_writes_a_table_and_a_plot(bench_reports: Path) -> None:

@@ -68,8 +68,9 @@ def test_make_metrics_shows_health_readiness_and_handler_metrics(server: TorchSe
         time.sleep(0.5)
     workers = configured_workers("digits")
     assert "health: Healthy" in out and f"* digits 1.0: {workers}/{workers}" in out
-    for name in ("HandlerInferenceTime{ModelName=digits}", "HandlerBatchSize{ModelName=digits}",
-                 "HandlerRequestErrors_total{ErrorType=undecodable_input, ModelName=digits} 1",
+    for name in ("HandlerInferenceTime{ModelName=digits, ModelVersion=1.0}",
+                 "HandlerBatchSize{ModelName=digits, ModelVersion=1.0}",
+                 "HandlerRequestErrors_total{ErrorType=undecodable_input, ModelName=digits, ModelVersion=1.0} 1",
                  "ts_inference_requests_total{model_name=digits, model_version=default} 6"):
         assert name in out, out
 

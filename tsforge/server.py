@@ -3,8 +3,11 @@
     python -m tsforge.server start [--config config/config.properties] [--models digits] [--run-dir build/serve]
     python -m tsforge.server stop  [--run-dir build/serve]
 
-Each instance gets its own run folder (logs, pid file, temp dir), so several can run side by side:
-TorchServe keeps its pid file in the temp dir, which is therefore set per instance. With token
+Each instance gets its own run folder (logs, pid file) and its own temp dir, so several can run side by
+side: TorchServe keeps its pid file in the temp dir, and its frontend and workers talk over Unix sockets
+named `<temp dir>/.ts.sock.<port>` with ports from 9000 in every instance. The temp dir is a short private
+one made with `tempfile` (recorded in `<run_dir>/tmpdir`, removed by `stop`): a socket path must fit in
+107 bytes, whatever the path of the checkout or run folder. With token
 authorization on, TorchServe writes `key_file.json` (management, inference and token-API keys) into the
 run folder; `TorchServe.attach(run_dir)` lets any client find the addresses and keys of a running instance.
 
@@ -21,11 +24,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +54,16 @@ PATH_KEYS = ("metrics_config", "model_store", "certificate_file", "private_key_f
 LOG_CONFIG = ROOT / "config" / "log4j2.xml"
 KEY_FILE = "key_file.json"
 SNAPSHOT_KEY = "model_snapshot"
+TEMP_RECORD = "tmpdir"  # names the instance's temp dir, for stop() to remove
+TEMP_PREFIX = "tsforge-ts-"
+# The frontend names each worker's socket <java.io.tmpdir>/.ts.sock.<port> (java.io.tmpdir comes from TEMP);
+# the kernel's sun_path holds 108 bytes with the terminating NUL.
+LONGEST_SOCKET = ".ts.sock.65535"
+SUN_PATH_MAX = 107
+#: lines by which TorchServe says a worker failed: the worker's own (model_log.log) and the frontend's (ts_log.log)
+WORKER_FAILED = ("Backend worker process died", "Failed to load model")
+FRONTEND_FAILED = ("Retry worker:", "Load model failed")
+FAILURE_GRACE_S = 2.0  # how long a failure waits for the worker's traceback to reach its (asynchronous) log
 KeyKind = Literal["management", "inference"]
 
 
@@ -99,6 +115,84 @@ def free_port_overrides() -> dict[str, str]:
     return {key: template.format(free_port()) for key, template in PORT_KEYS.items()}
 
 
+class LogTail:
+    """The complete lines added to a log file since this object was made; a rolled-over (shorter) file is read
+    from its start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.is_file() else 0
+        self._partial = b""
+
+    def lines(self) -> list[str]:
+        try:
+            with self.path.open("rb") as log:
+                if log.seek(0, os.SEEK_END) < self.offset:
+                    self.offset, self._partial = 0, b""
+                log.seek(self.offset)
+                data = log.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return [line.decode(errors="replace") for line in complete]
+
+
+# <timestamp> [LEVEL] <thread> <logger> - <message>; a worker's thread is W-<port>-<model>_<version>[-stdout|-stderr]
+LOG_LINE = re.compile(r"^\S+ \[\w+\s*\] (?P<thread>\S+) \S+ - (?P<message>.*)$")
+WORKER_THREAD = re.compile(r"^(W-\d+-.+?)(?:-stdout|-stderr)?$")
+
+
+class StartupWatch:
+    """Follows model_log.log and ts_log.log for a worker that failed to start, and names the worker's error."""
+
+    def __init__(self, logs: Path) -> None:
+        self.worker_log = LogTail(logs / "model_log.log")
+        self.frontend_log = LogTail(logs / "ts_log.log")
+        self.output: dict[str, deque[str]] = {}
+        self.failed: tuple[str, str] | None = None  # (worker, the line that said it failed)
+        self.failed_at = 0.0
+
+    def failure(self) -> str | None:
+        """What failed and why, once a worker failed and its traceback had a moment to reach the log."""
+        for line in self.worker_log.lines():
+            self._seen(line, WORKER_FAILED, keep=True)
+        for line in self.frontend_log.lines():
+            self._seen(line, FRONTEND_FAILED, keep=False)
+        if self.failed is None:
+            return None
+        worker, said = self.failed
+        error = first_exception(self.output.get(worker, ()))
+        if error is None and time.monotonic() - self.failed_at < FAILURE_GRACE_S:
+            return None
+        if error is None:
+            error = " | ".join(list(self.output.get(worker, ()))[-5:]) or said
+        return f"worker {worker} failed to start: {error}"
+
+    def _seen(self, line: str, markers: Sequence[str], *, keep: bool) -> None:
+        match = LOG_LINE.match(line)
+        if not match:
+            return
+        thread = WORKER_THREAD.match(match["thread"])
+        worker = thread[1] if thread else match["thread"]
+        if keep:
+            self.output.setdefault(worker, deque(maxlen=500)).append(match["message"])
+        if self.failed is None and any(marker in match["message"] for marker in markers):
+            self.failed, self.failed_at = (worker, match["message"]), time.monotonic()
+
+
+def first_exception(lines: Sequence[str]) -> str | None:
+    """The last line of the first traceback: the worker's own error. (A worker that fails to load then dies
+    with a second traceback that only says so: `RuntimeError: 500 - Unknown exception`.)"""
+    in_traceback = False
+    for line in lines:
+        if line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            return line
+    return None
+
+
 @dataclass
 class TorchServe:
     """One TorchServe process tree. `start()` returns at once; `wait_ready()` blocks until served."""
@@ -115,6 +209,7 @@ class TorchServe:
         # TorchServe runs inside run_dir, so every path handed to it must be absolute.
         self.run_dir = self.run_dir.resolve()
         self._process: subprocess.Popen[bytes] | None = None
+        self._watch: StartupWatch | None = None
         props = read_properties(self.config)
         # Relative paths in a profile are relative to the project root; TorchServe runs in run_dir.
         for key in PATH_KEYS:
@@ -176,8 +271,9 @@ class TorchServe:
     def start(self) -> None:
         if self.running():
             raise ServerError(f"TorchServe already runs from {self.run_dir} (pid {self.pid_file.read_text().strip()})")
-        for sub in ("logs", "tmp"):
-            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not self.alive():
+            self._remove_temp_dir()  # left by an instance that did not stop cleanly
         (self.run_dir / KEY_FILE).unlink(missing_ok=True)  # a stale key must not be read while the new one is made
         props = dict(self.props)
         snapshot = self.latest_snapshot() if self.snapshots else None
@@ -196,19 +292,50 @@ class TorchServe:
             command += ["--models", *self.models]
         if not self.snapshots:
             command.append("--ncs")
+        temp = self._make_temp_dir()
         env = {
             **os.environ,
-            "TMPDIR": str(self.run_dir / "tmp"),
-            "TEMP": str(self.run_dir / "tmp"),
+            "TMPDIR": str(temp),
+            "TEMP": str(temp),  # TorchServe passes it on as java.io.tmpdir: the frontend's side of the sockets
             "LOG_LOCATION": str(self.run_dir / "logs"),
             "METRICS_LOCATION": str(self.run_dir / "logs"),
         }
-        with self.console_log.open("ab") as console:
-            process = subprocess.Popen(command, cwd=self.run_dir, env=env, stdout=console,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+        self._watch = StartupWatch(self.run_dir / "logs")
+        try:
+            with self.console_log.open("ab") as console:
+                process = subprocess.Popen(command, cwd=self.run_dir, env=env, stdout=console,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True)
+        except OSError:
+            self._remove_temp_dir()
+            raise
         self.pid_file.write_text(f"{process.pid}\n")
         self._process = process
+
+    @property
+    def temp_dir(self) -> Path | None:
+        """This instance's temp dir (sockets, TorchServe's pid file, unpacked archives), as recorded at start."""
+        try:
+            return Path((self.run_dir / TEMP_RECORD).read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    def _make_temp_dir(self) -> Path:
+        temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))  # mode 0700, unique per instance
+        if len(os.fsencode(temp / LONGEST_SOCKET)) > SUN_PATH_MAX:
+            shutil.rmtree(temp)
+            raise ServerError(f"the temp root {temp.parent} is too long for TorchServe's worker sockets "
+                              f"(at most {SUN_PATH_MAX} bytes); point TMPDIR at a shorter directory")
+        (self.run_dir / TEMP_RECORD).write_text(f"{temp}\n")
+        return temp
+
+    def _remove_temp_dir(self) -> None:
+        temp = self.temp_dir
+        # The record is a plain file: remove only a directory of ours that start() made.
+        if (temp is not None and temp.name.startswith(TEMP_PREFIX) and temp.is_dir() and not temp.is_symlink()
+                and temp.stat().st_uid == os.getuid()):
+            shutil.rmtree(temp, ignore_errors=True)
+        (self.run_dir / TEMP_RECORD).unlink(missing_ok=True)
 
     def running(self) -> bool:
         if self._process is not None:  # started here: poll, which also reaps it (a zombie still answers kill 0)
@@ -229,13 +356,18 @@ class TorchServe:
             return None
 
     def wait_ready(self, models: Sequence[str] = (), timeout: float = 180.0) -> None:
-        """Poll /ping, then each model's workers, until all are READY; raise ServerError on timeout."""
+        """Poll /ping, then each model's workers, until all are READY; raise ServerError on timeout, or as soon
+        as a worker fails to start (TorchServe would retry it until the timeout), with the worker's error."""
         deadline = time.monotonic() + timeout
         pending = ["/ping", *(f"/models/{m}" for m in models)]
         last = "no answer yet"
+        watch = self._watch or StartupWatch(self.run_dir / "logs")  # attached: from now on
         while pending:
             if not self.running():
                 raise ServerError(f"TorchServe exited during start-up; see {self.console_log} and {self.log_file}")
+            failure = watch.failure()
+            if failure:
+                raise ServerError(f"{failure}; see {self.run_dir / 'logs' / 'model_log.log'}")
             if time.monotonic() > deadline:
                 raise ServerError(f"TorchServe not ready after {timeout:.0f}s ({pending[0]}: {last}); "
                                   f"see {self.log_file}")
@@ -289,9 +421,10 @@ class TorchServe:
         return pid is not None and _group_alive(pid)
 
     def _forget(self, pid: int | None) -> None:
-        """Remove the pid file if it names `pid`: a later instance in the same run folder keeps its own."""
+        """Remove the pid file and temp dir if the pid file names `pid`: a later instance here keeps its own."""
         if pid is None or self._pid() == pid:
             self.pid_file.unlink(missing_ok=True)
+            self._remove_temp_dir()
 
 
 def _ready_workers(entry: dict[str, Any]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -72,6 +73,14 @@ def train() -> PreparedModel:
     held_out = to_tensor(x_test)
     with torch.inference_mode():
         accuracy = (model(held_out).argmax(1).numpy() == y_test).mean().item()
+
+    def quality(fp32: Callable[..., torch.Tensor], variant: Callable[..., torch.Tensor]) -> dict[str, float]:
+        """Held-out accuracy of a variant against fp32's, both as served."""
+        with torch.inference_mode():
+            ours, theirs = (float((run(held_out).argmax(1).numpy() == y_test).mean()) for run in (variant, fp32))
+        return {"accuracy": round(ours, 4), "fp32_accuracy": round(theirs, 4),
+                "accuracy_drop_pp": round((theirs - ours) * 100, 2)}
+
     return PreparedModel(
         extra_files={"examples.json": examples(x_test[:4], y_test[:4])},
         module=model,
@@ -79,6 +88,8 @@ def train() -> PreparedModel:
         check_inputs=(held_out,),
         labels=[str(d) for d in range(10)],
         metrics={"test_accuracy": round(accuracy, 4), "test_images": float(len(y_test))},
+        calibration=(xs[:512],),
+        quality=quality,
     )
 
 
@@ -97,10 +108,20 @@ def examples(images: np.ndarray, labels: np.ndarray) -> bytes:
     return json.dumps(cases, indent=1).encode()
 
 
+MAX_ACCURACY_DROP_PP = 0.5
+
+
+def int8_bound(metrics: dict[str, float]) -> tuple[bool, str]:
+    return (metrics["accuracy_drop_pp"] <= MAX_ACCURACY_DROP_PP,
+            f"held-out accuracy at most {MAX_ACCURACY_DROP_PP} percentage points below fp32's")
+
+
 SPEC = ModelSpec(
     name="digits",
     revision=1,
     factory=train,
     handler="handlers/digits_handler.py",
     description="CNN on scikit-learn's 8x8 digits (the default model)",
+    variants=("int8", "onnx", "onnx-int8", "aotinductor"),
+    int8_bound=int8_bound,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,18 @@ def encode_ids(tokenizer: Any, sentences: list[str], max_length: int) -> tuple[t
     return ids, mask
 
 
+def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+MIN_COSINE = 0.99
+
+
+def int8_bound(metrics: dict[str, float]) -> tuple[bool, str]:
+    return metrics["min_cosine"] >= MIN_COSINE, f"sentence-embedding cosine similarity to fp32 >= {MIN_COSINE}"
+
+
 def prepare() -> PreparedModel:
     os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: the folder is local, the hub is never asked
     from tokenizers import Tokenizer
@@ -93,10 +106,20 @@ def prepare() -> PreparedModel:
     module = TokenEmbeddings(bert).eval()
     tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
     examples = [{"input": {"text": s}, "expect": {"dim": config["dimension"]}} for s in EXAMPLES]
+    check = encode_ids(tokenizer, CHECK_SENTENCES, config["max_seq_length"])
+
+    def quality(fp32: Callable[..., torch.Tensor], variant: Callable[..., torch.Tensor]) -> dict[str, float]:
+        """The smallest cosine similarity of mean-pooled sentence embeddings against fp32's."""
+        with torch.inference_mode():
+            expected, actual = (mean_pool(run(*check), check[1]) for run in (fp32, variant))
+        return {"min_cosine": round(float(nn.functional.cosine_similarity(expected, actual).min()), 6)}
+
     return PreparedModel(
         module=module,
         example_inputs=encode_ids(tokenizer, TRACE_SENTENCES, config["max_seq_length"]),
-        check_inputs=encode_ids(tokenizer, CHECK_SENTENCES, config["max_seq_length"]),
+        check_inputs=check,
+        calibration=encode_ids(tokenizer, [*TRACE_SENTENCES, *EXAMPLES], config["max_seq_length"]),
+        quality=quality,
         extra_files={
             TOKENIZER_FILE: (folder / TOKENIZER_FILE).read_bytes(),
             SETTINGS_FILE: (json.dumps(config, indent=2) + "\n").encode(),
@@ -112,5 +135,8 @@ SPEC = ModelSpec(
     factory=prepare,
     handler="handlers/text_handler.py",
     tolerance=1e-4,
+    variants=("int8",),
+    int8="dynamic",
+    int8_bound=int8_bound,
     description="all-MiniLM-L6-v2 sentence embeddings (384-d, mean pooled, L2-normalised)",
 )

@@ -1,0 +1,153 @@
+"""`precision: auto` and friends with faked capabilities and timings: which variants are candidates on
+which CPU or GPU, and which one wins. No real timing is asserted here."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from handlers import autoselect
+from handlers.autoselect import Settings, Trial, candidates, pick, run_trials
+from handlers.capabilities import Capabilities, cpu_capabilities
+from handlers.runtimes import Artefacts, Variant, VariantUnavailable
+
+# torch.cpu.get_capabilities() as three kinds of machine report it (only the flags that matter here)
+SAPPHIRE_RAPIDS = {"cpu_name": "Xeon AMX", "amx_tile": True, "amx_bf16": True, "amx_int8": True,
+                   "avx512_bf16": True, "avx512_vnni": True, "avx512_f": True, "avx2": True}
+CASCADE_LAKE = {"cpu_name": "Xeon VNNI", "amx_tile": False, "avx512_bf16": False, "avx512_vnni": True,
+                "avx512_f": True, "avx2": True}
+OLD_LAPTOP = {"cpu_name": "no AVX2", "avx2": False}
+
+
+def test_bf16_is_measured_only_where_the_cpu_runs_it_natively() -> None:
+    assert cpu_capabilities(SAPPHIRE_RAPIDS).precisions() == ["fp32", "bf16"]
+    assert cpu_capabilities(CASCADE_LAKE).precisions() == ["fp32"]  # bf16 would be emulated: never tried
+    assert cpu_capabilities({**CASCADE_LAKE, "avx512_bf16": True}).precisions() == ["fp32", "bf16"]
+    assert cpu_capabilities(CASCADE_LAKE).fast_int8 and not cpu_capabilities(OLD_LAPTOP).fast_int8
+
+
+def test_gpu_precisions_follow_the_compute_capability() -> None:
+    assert Capabilities("cuda", "H200", cuda=(9, 0)).precisions() == ["fp32", "bf16", "fp16"]
+    assert Capabilities("cuda", "T4", cuda=(7, 5)).precisions() == ["fp32", "fp16"]
+    assert not Capabilities("cuda", "H200", cuda=(9, 0)).fast_int8
+
+
+def test_this_machine_is_detected_from_torch() -> None:
+    detected = autoselect.Capabilities  # the type the handler gets
+    caps = cpu_capabilities(torch.cpu.get_capabilities())
+    assert isinstance(caps, detected) and caps.device == "cpu" and "fp32" in caps.precisions()
+
+
+@pytest.fixture()
+def archive(tmp_path: Path) -> Artefacts:
+    """An unpacked archive's files as the export writes them: fp32 TorchScript plus every variant, with an
+    int8 TorchScript file that missed its accuracy bound."""
+    entries = {"int8": {"file": "m.int8.pt", "within_bound": False}, "onnx": {"file": "m.onnx"},
+               "onnx-int8": {"file": "m.int8.onnx", "within_bound": True}, "aotinductor": {"file": "m.pt2"}}
+    for name in ["m.pt", *(e["file"] for e in entries.values())]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "export.json").write_text(json.dumps({"artefacts": entries}))
+    return Artefacts.read(tmp_path, "m.pt")
+
+
+def names(variants: list[Variant]) -> list[str]:
+    return [v.name for v in variants]
+
+
+def test_auto_candidates_on_a_cpu_without_amx(archive: Artefacts) -> None:
+    found = candidates(Settings(), cpu_capabilities(CASCADE_LAKE), archive)
+    assert names(found) == ["torchscript-fp32", "torchscript-fp32+fusion", "onnxruntime-fp32", "onnxruntime-int8",
+                            "aotinductor-fp32"]  # no bf16 (emulated), no int8 TorchScript (missed its bound)
+
+
+def test_auto_candidates_on_an_amx_cpu_include_bf16(archive: Artefacts) -> None:
+    found = names(candidates(Settings(), cpu_capabilities(SAPPHIRE_RAPIDS), archive))
+    assert found[:4] == ["torchscript-fp32", "torchscript-fp32+fusion", "torchscript-bf16", "torchscript-bf16+fusion"]
+
+
+def test_a_named_setting_wins(archive: Artefacts) -> None:
+    cpu = cpu_capabilities(CASCADE_LAKE)
+    assert names(candidates(Settings(precision="bf16", fusion="true"), cpu, archive)) == ["torchscript-bf16+fusion"]
+    # named explicitly, an int8 export is served even when it missed the bound `auto` applies
+    assert names(candidates(Settings(backend="torchscript", precision="int8"), cpu, archive)) == ["torchscript-int8"]
+    assert names(candidates(Settings(backend="onnxruntime", precision="fp32"), cpu, archive)) == ["onnxruntime-fp32"]
+
+
+def test_missing_files_are_not_candidates(tmp_path: Path) -> None:
+    (tmp_path / "m.pt").write_bytes(b"")
+    only_torchscript = Artefacts.read(tmp_path, "m.pt")
+    assert names(candidates(Settings(), cpu_capabilities(CASCADE_LAKE), only_torchscript)) == [
+        "torchscript-fp32", "torchscript-fp32+fusion"]
+    assert candidates(Settings(backend="aotinductor"), cpu_capabilities(CASCADE_LAKE), only_torchscript) == []
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("precision", "fp8", "handler.precision is 'fp8'; expected one of fp32, fp16, bf16, int8, auto"),
+    ("backend", "tensorrt",
+     "handler.backend is 'tensorrt'; expected one of torchscript, onnxruntime, aotinductor, auto"),
+    ("onednn_fusion", "yes", "handler.onednn_fusion is 'yes'; expected one of true, false, auto"),
+])
+def test_bad_settings_are_refused_with_the_allowed_values(key: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_config({key: value}, tolerance=0.01)
+
+
+def trial(name: str, ms: float | None, discrepancy: float | None = 0.0) -> Trial:
+    backend, precision = name.split("-")
+    return Trial(Variant(backend, precision), None if ms is None else ms / 1000, discrepancy)
+
+
+def test_the_fastest_within_tolerance_wins() -> None:
+    trials = [trial("torchscript-fp32", 30), trial("torchscript-bf16", 12, 0.05), trial("torchscript-int8", 8, 0.004),
+              trial("onnxruntime-int8", 9, 0.003)]
+    assert pick(trials, tolerance=0.02, margin=0.0).variant.name == "torchscript-int8"  # bf16 is out of tolerance
+    assert pick(trials, tolerance=0.1, margin=0.0).variant.name == "torchscript-int8"
+
+
+def test_within_the_margin_the_earlier_simpler_variant_wins() -> None:
+    trials = [trial("torchscript-fp32", 10.2), trial("onnxruntime-fp32", 10.0)]
+    assert pick(trials, tolerance=0.02, margin=0.05).variant.name == "torchscript-fp32"
+    assert pick(trials, tolerance=0.02, margin=0.01).variant.name == "onnxruntime-fp32"
+
+
+def test_auto_never_picks_a_slower_path_than_fp32() -> None:
+    trials = [trial("torchscript-fp32", 20), trial("torchscript-bf16", 55, 0.001), trial("onnxruntime-fp32", None)]
+    assert pick(trials, tolerance=0.02, margin=0.05).variant.name == "torchscript-fp32"
+
+
+def test_no_usable_variant_is_an_error_naming_each() -> None:
+    with pytest.raises(ValueError, match="torchscript-fp32: no such file"):
+        pick([Trial(Variant(), error="no such file")], tolerance=0.02, margin=0.05)
+
+
+def test_trials_compare_with_the_first_variant_and_record_unusable_ones() -> None:
+    outputs = {"torchscript-fp32": torch.tensor([1.0, 2.0]), "onnxruntime-fp32": torch.tensor([1.0, 2.5])}
+    ticks = itertools.count()
+
+    def load(variant: Variant):
+        if variant.backend == "aotinductor":
+            raise VariantUnavailable("compiled for avx512; this CPU lacks avx512_f")
+        return lambda *inputs: outputs[variant.name]
+
+    trials = run_trials([Variant(), Variant("onnxruntime"), Variant("aotinductor")], load, (torch.zeros(1),),
+                        lambda ref, out: float((ref - out).abs().max()), repeats=3, budget_s=0.0,
+                        clock=lambda: float(next(ticks)))
+    assert [t.discrepancy for t in trials] == [0.0, 0.5, None]
+    assert trials[0].seconds == 1.0  # the fake clock ticks once per reading
+    assert trials[2].error == "VariantUnavailable: compiled for avx512; this CPU lacks avx512_f"
+
+
+def test_workers_of_one_model_share_the_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSFORGE_CACHE_DIR", str(tmp_path))
+    choice = autoselect.Choice(Variant("onnxruntime", "int8"), True, "fastest", [])
+    with autoselect.shared_decision("model-a") as path:
+        assert autoselect.remembered(path) is None
+        autoselect.remember(path, choice)
+    with autoselect.shared_decision("model-a") as path:
+        assert autoselect.remembered(path) == Variant("onnxruntime", "int8")
+    with autoselect.shared_decision("model-b") as path:
+        assert autoselect.remembered(path) is None
