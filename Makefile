@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 INSTALLED := $(VENV)/.installed
 HANDLER_SOURCES := $(wildcard handlers/*.py)
-EXPORT_SOURCES := $(wildcard export/*.py export/models/*.py)
+EXPORT_SOURCES := $(wildcard export/*.py export/models/*.py) handlers/runtimes.py
 ARCHIVES := $(MODELS:%=$(STORE)/%.mar)
 
 # The git state of the served code, rewritten only when it changes, so archives record the commit
@@ -161,3 +161,50 @@ predict-grpc: | $(INSTALLED) ## Send MODEL's example inputs over gRPC (TorchServ
 
 metrics: | $(INSTALLED) ## Health, per-model readiness and the important Prometheus metrics
 	$(PY) -m tsforge.metrics --run-dir $(RUN_DIR)
+
+# ---- GPU bench ----
+# On a GPU host, from a clean tree: exports and archives MODEL (resnet50) there, then serves tsforge and the stock
+# handler side by side with the in-process ceiling. A host without TorchServe, a package index or scikit-learn
+# takes them as files: GPU_BENCH_ARGS='--bundle TS.txz --wheels WHEEL_DIR --photos PHOTO_DIR' (loadtest/gpu_bench.py).
+GPU_LEVELS   ?= 16,64,256
+GPU_DURATION ?= 15
+GPU_BENCH_ARGS ?=# e.g. --clients 8 --stock-duration 10
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),resnet50)
+
+.PHONY: bench-gpu
+bench-gpu: ## GPU: tsforge vs stock handler vs in-process ceiling, GPU use sampled (GPU_LEVELS, GPU_DURATION) -> reports/gpu-bench/
+	$(GPU_PY) -m loadtest.gpu_bench --model $(GPU_MODEL) --levels $(GPU_LEVELS) --duration $(GPU_DURATION) \
+		--out $(REPORTS)/gpu-bench $(GPU_BENCH_ARGS)
+
+# ---- KServe bundle, CI packaging ----
+# `make kserve` writes build/kserve/ (storage layout, InferenceServices, DERIVATION.md; docs/scaling.md deploys it).
+# `make package TAG=v0.1.0` is what .github/workflows/package.yml runs on a version tag, upload aside.
+KSERVE_OUT  ?= $(BUILD)/kserve
+KSERVE_ARGS ?=# e.g. --storage-uri s3://BUCKET/tsforge/0.1.0 --image REGISTRY/tsforge-torchserve:0.1.0 --max-replicas 8
+TAG         ?=# the release tag being packaged (v0.1.0); it must name pyproject.toml's version
+
+.PHONY: kserve check-tag package
+
+kserve: $(ARCHIVES) ## KServe bundle of MODELS (KSERVE_OUT, KSERVE_ARGS) -> build/kserve/
+	$(PY) -m tsforge.kserve --out $(KSERVE_OUT) --store $(STORE) --models $(MODELS) $(KSERVE_ARGS)
+
+check-tag: | $(INSTALLED) ## Fail unless TAG (v0.1.0) names pyproject.toml's version
+	$(PY) -m tsforge.release check-tag $(TAG)
+
+package: ## CI on a version tag (TAG=v0.1.0): check the tag, archive, verify, test, KServe bundle
+	$(MAKE) check-tag TAG=$(TAG)
+	$(MAKE) archive
+	$(MAKE) verify
+	$(MAKE) test
+	$(MAKE) kserve
+
+# ---- reliability: soak ----
+SOAK_DIGITS ?= 100000
+SOAK_RESNET ?= 20000
+SOAK_ARGS   ?=# e.g. --interval 2 --digits-users 8
+
+.PHONY: soak
+soak: $(STORE)/digits.mar $(STORE)/resnet18.mar | $(INSTALLED) ## Soak digits and resnet18 (SOAK_DIGITS, SOAK_RESNET requests), RSS over time -> reports/soak/
+	$(PY) -m loadtest.soak --digits-requests $(SOAK_DIGITS) --resnet18-requests $(SOAK_RESNET) \
+		--store $(STORE) --out $(REPORTS)/soak $(SOAK_ARGS)

@@ -3,10 +3,13 @@ the label and the top-k probabilities out.
 
 Settings, all optional, in the archive's model-config.yaml `handler:` section:
 
-    precision: bf16        fp32 | bf16 | fp16, applied to the fp32 TorchScript export before freezing
-    channels_last: true    NHWC memory format (with bf16 on AMX CPUs several times faster than fp32)
-    onednn_fusion: true    CPU only: let TorchScript's oneDNN Graph fuser fuse conv+add+relu chains
-                           (ResNet-18 bf16 on AMX: 7.8 instead of 10.9 ms an image on one thread)
+    backend: auto          torchscript | onnxruntime | aotinductor | auto (see handlers/autoselect.py)
+    precision: auto        fp32 | bf16 | fp16 | int8 | auto: measured at worker start among what the
+                           device runs natively and the archive carries
+    channels_last: true    NHWC memory format (the layout oneDNN's fast convolutions want)
+    onednn_fusion: auto    TorchScript on a CPU: TorchScript's oneDNN Graph fuser (conv+add+relu chains);
+                           true | false | auto
+    auto_tolerance: 0.02   largest change of any class probability against fp32 that `auto` accepts
     threads: 2             torch intra-op threads (default: CPU count / maxWorkers)
     mode: RGB              RGB | L
     resize: 256            shorter side; with crop: null, the image is scaled to resize x resize
@@ -21,74 +24,90 @@ Settings, all optional, in the archive's model-config.yaml `handler:` section:
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from handlers.base import BatchHandler
+from handlers.base import BatchHandler, probability_discrepancy
+from handlers.gpu_images import GpuImages, device_overrides
 from handlers.images import ImagePreprocessor
+from handlers.payload import as_bytes
+from handlers.runtimes import PRECISIONS
 
 log = logging.getLogger(__name__)
-
-
-def compile_for_serving(model: torch.jit.ScriptModule, dtype: torch.dtype,
-                        channels_last: bool) -> torch.jit.ScriptModule:
-    """Cast, re-layout, then freeze: freezing folds the weights into constants (and conv+batch-norm into one
-    conv), after which `.to(dtype)` or `.to(memory_format=...)` no longer reach them, so the order matters.
-    Offline checks call this too, so they run exactly the program the server runs."""
-    model = model.eval().to(dtype)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    frozen: torch.jit.ScriptModule = torch.jit.freeze(model)
-    return frozen
-
-
-@contextlib.contextmanager
-def onednn_fusion(enabled: bool) -> Iterator[None]:
-    """TorchScript's oneDNN Graph fuser is a process-wide switch; turn it on only around our own calls."""
-    previous = bool(torch.jit.onednn_fusion_enabled())  # type: ignore[no-untyped-call]
-    torch.jit.enable_onednn_fusion(enabled)
-    try:
-        yield
-    finally:
-        torch.jit.enable_onednn_fusion(previous)
 
 
 class ImageClassifierHandler(BatchHandler):
     """Returns `{"label": "tabby", "probabilities": {"tabby": 0.91, ...}}` with the top_k classes."""
 
     default_top_k = 5
+    default_tolerance = 0.02
 
     def setup(self) -> None:
         self.preprocess = ImagePreprocessor.from_config(self.config)
         self.labels = self.read_labels()
         self.top_k = min(int(self.config.get("top_k", self.default_top_k)), len(self.labels))
-        self.model = compile_for_serving(self.load_torchscript(), self.dtype, self.channels_last)
-        self.fuse = bool(self.config.get("onednn_fusion", False)) and self.device.type == "cpu"
+        self.model = self.load_model()
         self.warm_up()
 
     def warm_up(self) -> None:
         """The TorchScript profiling executor (and the fuser) optimise per input shape on the first calls;
         make those for every batch size before serving."""
-        batch_size = int((self.context.model_yaml_config or {}).get("batchSize") or 1)
         started = time.perf_counter()
         blank = [torch.zeros(self.preprocess.output_shape)]
         with torch.inference_mode():
-            for size in [*range(batch_size, 0, -1)] * 2:
+            for size in [*range(self.batch_size, 0, -1)] * 2:
                 self.infer(self.collate(blank * size))
-        log.info("warmed up for batches of 1 to %d in %.2fs", batch_size, time.perf_counter() - started)
+        log.info("warmed up for batches of 1 to %d in %.2fs", self.batch_size, time.perf_counter() - started)
 
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        with onednn_fusion(self.fuse):
-            output: torch.Tensor = self.model(batch)
-        return output
+    def discrepancy(self, reference: torch.Tensor, output: torch.Tensor) -> float:
+        return probability_discrepancy(reference, output)
 
-    def decode(self, payload: Any) -> torch.Tensor:
-        return self.preprocess(payload)
+    def decode(self, payload: Any) -> Any:
+        """On a CPU the whole preprocessing; on a GPU only the header check of a JPEG (the batch is decoded
+        at once in `prepare_batch`), other formats decoded here on the CPU (handlers/gpu_images.py)."""
+        gpu = self.gpu_images
+        if gpu is None:
+            return self.preprocess(payload)
+        return gpu.validate(as_bytes(payload))
+
+    def prepare_batch(self, items: list[Any]) -> list[Any]:
+        gpu = self.gpu_images
+        return items if gpu is None else gpu.decode_batch(items, self.input_dtype)
+
+    def collate(self, items: list[Any]) -> torch.Tensor:
+        gpu = self.gpu_images
+        if gpu is None:
+            batch: torch.Tensor = super().collate(items)
+            return batch
+        return gpu.collate(items, self.input_dtype, self.channels_last)
+
+    @functools.cached_property
+    def gpu_images(self) -> GpuImages | None:
+        """The batched GPU decoder when this worker runs on CUDA (`gpu_decode: false` turns it off)."""
+        gpu = GpuImages.for_handler(self.preprocess, self.device, self.config)
+        if gpu is not None:
+            gpu.warm_up()
+        return gpu
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the served variant takes (TorchScript casts to its precision; other backends take fp32)."""
+        if self.selection.get("backend", "torchscript") != "torchscript":
+            return torch.float32
+        return PRECISIONS.get(str(self.selection.get("precision")), torch.float32)
+
+    def _pick_device(self, properties: dict[str, Any]) -> torch.device:
+        """The device; on CUDA the `handler:` keys of model-config.yaml's `gpu:` section apply (logged)."""
+        device = super()._pick_device(properties)
+        overrides = device_overrides(getattr(self.context, "model_yaml_config", None), device)
+        if overrides:
+            self.config.update(overrides)
+            log.info("device %s: gpu section of model-config.yaml applied: %s", device, overrides)
+        return device
 
     def encode(self, row: torch.Tensor) -> dict[str, Any]:
         probabilities = torch.softmax(row.float(), dim=0)

@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -136,6 +137,15 @@ def run_flask(model: str, mar: Path, cases: list[Case], levels: list[int], durat
     return rows
 
 
+def served_as(other: Path) -> dict[str, Any]:
+    """How another build's config runs the model, as settings for this build's handler: the reference for its
+    answers comes from this build's code (an older archive's handler may not import beside it)."""
+    with zipfile.ZipFile(other) as opened:
+        handler = (yaml.safe_load(opened.read("model-config.yaml")) or {}).get("handler") or {}
+    return {"backend": handler.get("backend", "torchscript"), "precision": handler.get("precision", "fp32"),
+            "onednn_fusion": handler.get("onednn_fusion", False)}
+
+
 def run_matrix(model: str, mar: Path, payload_count: int, level: int, duration: float,
                warmup: float) -> dict[str, Any]:
     rows = []
@@ -207,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         store = BENCH_BUILD / "compare" / label
         store.mkdir(parents=True, exist_ok=True)
         (store / f"{args.model}.mar").write_bytes(Path(other).read_bytes())
-        other_cases = [c for c in prepared_cases(args.model, store / f"{args.model}.mar", args.payload_count)
+        other_cases = [c for c in prepared_cases(args.model, mar, args.payload_count,
+                                                 handler_overrides=served_as(store / f"{args.model}.mar"))
                        if c.raw]
         rows += run_torchserve(label, args.model, store, other_cases, levels, args.duration, args.warmup)
     matrix_result = None

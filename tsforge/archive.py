@@ -12,8 +12,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 from export.registry import MODELS, get
 from export.spec import ModelSpec
@@ -34,6 +36,7 @@ class ArchivePlan:
     archive_name: str
     model_name: str = ""  # the name in the manifest; default: the declared model's name
     handler: str = ""  # the entry handler file; default: the declared model's handler
+    device: str = "auto"  # gpu: the config's `gpu:` section applies; auto: gpu when CUDA is present here
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_name", self.model_name or self.spec.name)
@@ -52,7 +55,7 @@ class ArchivePlan:
 def plan(name: str, *, version: str | None = None, build_dir: Path = ROOT / "build",
          store: Path = ROOT / "model_store", config_file: Path | None = None,
          archive_name: str | None = None, model_name: str | None = None,
-         handler: str | None = None) -> ArchivePlan:
+         handler: str | None = None, device: str = "auto") -> ArchivePlan:
     spec = get(name)
     return ArchivePlan(
         spec=spec,
@@ -63,7 +66,26 @@ def plan(name: str, *, version: str | None = None, build_dir: Path = ROOT / "bui
         archive_name=archive_name or model_name or name,
         model_name=model_name or "",
         handler=handler or "",
+        device=device,
     )
+
+
+def model_config(config_file: Path, device: str = "auto") -> tuple[str, dict[str, Any]]:
+    """The model-config.yaml to package and the settings its `gpu:` section changed.
+
+    On a GPU host (`device` gpu, or auto with CUDA present) the section's TorchServe keys (minWorkers,
+    maxWorkers, batchSize, maxBatchDelay...) replace the top-level ones, since TorchServe reads them from
+    the archive; its `handler:` keys stay in the section and apply in each worker whose device is CUDA."""
+    text = config_file.read_text()
+    if device not in ("auto", "cpu", "gpu"):
+        raise SystemExit(f"--device must be auto, cpu or gpu; got {device!r}")
+    gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
+    config = yaml.safe_load(text) or {}
+    section = config.get("gpu") if isinstance(config, dict) else None
+    if not gpu or not isinstance(section, dict):
+        return text, {}
+    changed = {k: v for k, v in section.items() if k != "handler"}
+    return yaml.safe_dump({**config, **changed}, sort_keys=False), changed
 
 
 def stage(p: ArchivePlan) -> list[str]:
@@ -81,7 +103,11 @@ def stage(p: ArchivePlan) -> list[str]:
     handler = ROOT / p.handler
     shutil.copy2(handler, p.stage / handler.name)
     shutil.copy2(weights, p.stage / weights.name)
-    shutil.copy2(p.config_file, p.stage / "model-config.yaml")
+    config_text, gpu_settings = model_config(p.config_file, p.device)
+    (p.stage / "model-config.yaml").write_text(config_text)
+    if gpu_settings:
+        print(f"{p.model_name}: GPU host, model-config.yaml gpu section applied: "
+              + ", ".join(f"{k}={v}" for k, v in gpu_settings.items()))
     # Files the model's factory shipped (tokenizers, settings) are listed in export.json.
     listed = json.loads((p.export_dir / "export.json").read_text()).get("extra_files", [])
     extras = list(dict.fromkeys([*(n for n in OPTIONAL_EXPORT_FILES if (p.export_dir / n).is_file()), *listed]))
@@ -154,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", help="serve the export as another model (default: NAME), e.g. with another "
                         "--handler and --config; the archive file is named after it unless --archive-name is given")
     parser.add_argument("--handler", help="entry handler file (default: the one NAME declares)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                        help="gpu: package the config's gpu: settings; auto (default): when CUDA is present here")
     args = parser.parse_args(argv)
     for name in args.models:
         p = plan(name, version=args.version, build_dir=args.build_dir, store=args.store,
                  config_file=args.config, archive_name=args.archive_name, model_name=args.model_name,
-                 handler=args.handler)
+                 handler=args.handler, device=args.device)
         mar = build(p)
         print(f"archived {name} {p.version} -> {mar.relative_to(ROOT) if mar.is_relative_to(ROOT) else mar}")
     return 0

@@ -16,8 +16,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ from export.spec import ModelSpec, PreparedModel
 SEED = 0
 SIDE = 224
 EXAMPLE_PHOTO = "china.jpg"
+PHOTO_FILES = ("china.jpg", "flower.jpg")
+PHOTOS_ENV = "TSFORGE_SAMPLE_PHOTOS"
 
 
 def imagenet_labels() -> list[str]:
@@ -37,7 +41,15 @@ def imagenet_labels() -> list[str]:
 
 
 def sample_photos() -> dict[str, np.ndarray]:
-    """scikit-learn's bundled photos (china.jpg, flower.jpg) as HxWx3 uint8 arrays."""
+    """scikit-learn's bundled photos (china.jpg, flower.jpg) as HxWx3 uint8 arrays.
+
+    Where scikit-learn is missing (a GPU host without a package index), `TSFORGE_SAMPLE_PHOTOS` names a
+    folder holding the same two JPEG files, read as scikit-learn reads them (Pillow, RGB)."""
+    folder = os.environ.get(PHOTOS_ENV)
+    if folder:
+        from PIL import Image
+
+        return {name: np.asarray(Image.open(Path(folder) / name).convert("RGB")) for name in PHOTO_FILES}
     from sklearn.datasets import load_sample_images
 
     bundle = load_sample_images()
@@ -57,6 +69,42 @@ def imagenet_tensor(data: bytes) -> torch.Tensor:
     from handlers.images import ImagePreprocessor
 
     return ImagePreprocessor().tensor(data)
+
+
+def real_inputs(count: int, seed: int) -> torch.Tensor:
+    """`count` preprocessed views of the two sample photos (random crops, scales and mirror images): real
+    image statistics for calibration and accuracy checks, with no data set to download."""
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(p) for p in sample_photos().values()]
+    views = []
+    for n in range(count):
+        photo = photos[n % len(photos)]
+        scale = rng.uniform(0.35, 1.0)
+        w, h = int(photo.width * scale), int(photo.height * scale)
+        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        view = photo.crop((left, top, left + w, top + h))
+        views.append(imagenet_tensor(jpeg(np.asarray(ImageOps.mirror(view) if n % 4 >= 2 else view))))
+    return torch.stack(views)
+
+
+def quality(fp32: Callable[..., torch.Tensor], variant: Callable[..., torch.Tensor]) -> dict[str, float]:
+    """Top-1 agreement and the largest logit difference against fp32 on 32 held-out views of real photos."""
+    held_out = real_inputs(32, seed=SEED + 1)
+    with torch.inference_mode():
+        expected, actual = fp32(held_out), variant(held_out)
+    return {"top1_agreement": round(float((expected.argmax(1) == actual.argmax(1)).float().mean()), 4),
+            "max_logit_diff": round(float((expected - actual).abs().max()), 4),
+            "logit_range": round(float(expected.max() - expected.min()), 4)}
+
+
+MIN_TOP1_AGREEMENT = 0.9
+
+
+def int8_bound(metrics: dict[str, float]) -> tuple[bool, str]:
+    return (metrics["top1_agreement"] >= MIN_TOP1_AGREEMENT,
+            f"top-1 agreement with fp32 >= {MIN_TOP1_AGREEMENT} on held-out views of real photos")
 
 
 def build(architecture: str) -> PreparedModel:
@@ -79,20 +127,24 @@ def build(architecture: str) -> PreparedModel:
         labels=labels,
         metrics={"parameters": float(sum(p.numel() for p in model.parameters()))},
         extra_files={"examples.json": json.dumps(example, indent=1).encode()},
+        calibration=(real_inputs(32, seed=SEED),),
+        quality=quality,
     )
 
 
-def spec(architecture: str, title: str) -> ModelSpec:
+def spec(architecture: str, title: str, variants: tuple[str, ...]) -> ModelSpec:
     return ModelSpec(
         name=architecture,
         revision=1,
         factory=partial(build, architecture),
         handler="handlers/image_handler.py",
         description=f"torchvision {title}, random weights, ImageNet labels (serving-path and throughput model)",
+        variants=variants,
+        int8_bound=int8_bound,
     )
 
 
-RESNET18 = spec("resnet18", "ResNet-18")
-RESNET50 = spec("resnet50", "ResNet-50")
+RESNET18 = spec("resnet18", "ResNet-18", ("int8", "onnx", "onnx-int8", "aotinductor"))
+RESNET50 = spec("resnet50", "ResNet-50", ("int8", "onnx"))
 
 SPECS = (RESNET18, RESNET50)
