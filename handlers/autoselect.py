@@ -158,7 +158,7 @@ def run_trials(variants: Sequence[Variant], load: Callable[[Variant], Runner], i
                     runner(*inputs)
                     times.append(clock() - started)
         except (VariantUnavailable, RuntimeError, ValueError, OSError) as exc:
-            trial.error = f"{type(exc).__name__}: {exc}"
+            trial.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"  # not the traceback
             log.warning("variant %s is not usable here: %s", variant.name, trial.error)
             continue
         if reference is None:

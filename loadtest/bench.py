@@ -152,9 +152,9 @@ def run_matrix(model: str, mar: Path, payload_count: int, level: int, duration: 
     for n, variant in enumerate(matrix.cells(mar, ROOT / "build" / model)):
         store = BENCH_BUILD / "matrix" / str(n)
         pinned = matrix.pinned_archive(model, variant, mar, ROOT / "build", store)
-        cases = [c for c in prepared_cases(model, pinned, payload_count) if c.raw]  # this variant's own answers
         print(f"  matrix cell {variant.name}", flush=True)
         try:
+            cases = [c for c in prepared_cases(model, pinned, payload_count) if c.raw]  # this variant's own answers
             measured = run_torchserve(f"m{n}", model, pinned.parent, cases, [level], duration, warmup)[0]
         except Exception as exc:  # a variant that cannot start here is a finding, not the end of the bench
             rows.append({"variant": variant.name, "native": matrix.native(variant), "error": str(exc)[:500]})
@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_torchserve(label, args.model, store, other_cases, levels, args.duration, args.warmup)
     matrix_result = None
     if args.matrix:
-        matrix_result = run_matrix(args.model, mar, args.payload_count, max(levels), args.duration, args.warmup)
+        # as much load before its measurement as the tsforge row had before its highest level (the JVM's JIT)
+        settle = args.warmup + args.duration * (len(levels) - 1)
+        matrix_result = run_matrix(args.model, mar, args.payload_count, max(levels), args.duration, settle)
     if "stock" in targets:
         stock = stock_archive(args.model, BENCH_BUILD / "stock-store")
         if stock is None:

@@ -75,7 +75,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
         trial = trials.get(row["variant"], {})
         mark = " (auto's choice)" if row["variant"] == chosen else ""
         ratio = f"{row['qps'] / stock:.2f}x" if stock and row.get("qps") else "-"
+        served = row.get("qps", "does not run: " + str(row.get("error", "?")).splitlines()[-1][:80])
+        timing = trial.get("ms_per_batch") or ("failed" if trial.get("error") else "not a candidate here")
         lines.append(f"| {row['variant']}{mark} | {'yes' if row['native'] else 'no (emulated)'} | "
-                     f"{row.get('qps', '-')} | {row.get('p99_ms', '-')} | {ratio} | "
-                     f"{trial.get('ms_per_batch', 'not tried')} | {trial.get('discrepancy', '-')} |")
+                     f"{served} | {row.get('p99_ms', '-')} | {ratio} | {timing} | {trial.get('discrepancy', '-')} |")
     return lines

@@ -219,7 +219,12 @@ exact command and the machine. Numbers from different machines (or from a busy o
 Reproduce:
 
 ```bash
-make archive MODELS="digits resnet18"
+make archive MODELS="digits resnet18 minilm"
+# this round (CPU: which precision and backend each archive serves with, and what that is worth):
+make bench LEVELS=16 BENCH_ARGS="--matrix --compare main=OLD/resnet18.mar"   # OLD: an archive built from an earlier commit
+make bench MODEL=digits LEVELS=16,64 DURATION=15 BENCH_ARGS=--matrix
+make bench MODEL=minilm LEVELS=16,64 DURATION=15 BENCH_ARGS="--matrix --targets tsforge,ceiling"
+# earlier rounds:
 make tune MODEL=resnet18 P99_MS=400 BUDGET=420 TUNE_ARGS="--trial 8 --workers 1,2 --batch-sizes 8,16 --delays 5,20 --threads 1,2"
 make tune MODEL=digits P99_MS=50 BUDGET=240 TUNE_ARGS="--trial 5 --workers 1,2 --batch-sizes 1,8,16 --delays 2,5 --threads 1,2"
 make tune MODEL=digits P99_MS=50 BUDGET=240 TUNE_ARGS="--trial 15 --workers 2 --batch-sizes 8,16 --delays 1,2,5 --threads 1"
@@ -251,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", default="", help="a note on where these numbers come from, shown at the top")
     parser.add_argument("--analysis", type=Path, default=ROOT / "docs" / "benchmarks-analysis.md",
                         help="hand-written reading of the numbers, included after the goals")
+    parser.add_argument("--gpu", type=Path, default=ROOT / "docs" / "benchmarks-gpu.md",
+                        help="the GPU section, written from `make bench-gpu` on a GPU host, included at the end")
     args = parser.parse_args(argv)
     benches = [json.loads(p.read_text()) for p in args.bench if p.is_file()]
     tunes = [json.loads(p.read_text()) for p in args.tune if p.is_file()]
@@ -269,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         parts += [tune_markdown(t) for t in tunes]
     if len(parts) == 1 + bool(args.status):
         parts.append("No reports yet: run the commands above.\n")
+    if args.gpu.is_file():
+        parts.append(args.gpu.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}")
