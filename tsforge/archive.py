@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +164,10 @@ def build(p: ArchivePlan) -> Path:
         "--export-path", str(scratch),
         "--force",
     ]
-    subprocess.run(command, check=True)
+    # torch-model-archiver gathers the files in <temp dir>/<model name>: give it a private temp dir, or two
+    # checkouts archiving the same model at once mix each other's files.
+    with tempfile.TemporaryDirectory(prefix="tsforge-archive-") as private:
+        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": private})
     shutil.move(scratch / f"{p.model_name}.mar", p.mar)
     return p.mar
 
