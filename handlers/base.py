@@ -169,8 +169,7 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
                 rows = self._infer_rows(items)
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(items))
-                for idx, _, reply in groups:
-                    responses[idx] = self._fail(idx, exc, reply)
+                self._fail_all(groups, exc, responses)
                 rows = None
             inferred_at = time.perf_counter()
             if rows is not None:
@@ -214,8 +213,7 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
             prepared = self.prepare_batch(items)
         except Exception as exc:
             log.exception("batch decoding failed for a batch of %d", len(items))
-            for idx, _, reply in groups:
-                responses[idx] = self._fail(idx, exc, reply)
+            self._fail_all(groups, exc, responses)
             return [], []
         kept_groups: list[tuple[int, int, Reply]] = []
         kept_items: list[Any] = []
@@ -267,6 +265,11 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         self.context.set_response_content_type(idx, JSON)
         self.telemetry.error(exc.kind)
         return oip.error_answer(json.dumps(exc.to_json()).encode(), request, self.context, idx)
+
+    def _fail_all(self, groups: list[tuple[int, int, Reply]], exc: BaseException,
+                  responses: list[bytes | None]) -> None:
+        for idx, _, reply in groups:
+            responses[idx] = self._fail(idx, exc, reply)
 
     def _fail(self, idx: int, exc: BaseException, request: Any = None) -> bytes:
         self.context.set_response_status(500, "Internal Server Error", idx)
