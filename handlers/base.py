@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -332,7 +332,8 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         return runner
 
     def _measure_or_reuse(self, variants: list[runtimes.Variant],
-                          load: Any) -> tuple[runtimes.Runner, dict[str, Any]]:
+                          load: Callable[[runtimes.Variant], runtimes.Runner]
+                          ) -> tuple[runtimes.Runner, dict[str, Any]]:
         record = (self.model_dir / provenance.VERSION_FILE).read_bytes()  # binds the key to these exact files
         key = json.dumps([hashlib.sha256(record).hexdigest(), str(self.device), torch.get_num_threads(),
                           self.batch_size, repr(self.settings), [v.name for v in variants]])

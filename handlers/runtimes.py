@@ -70,14 +70,13 @@ class Artefacts:
         return None if key is None else self.extra.get(key)
 
     def has(self, variant: Variant) -> bool:
-        if variant.backend == "torchscript" and variant.precision in PRECISIONS:
-            return True
-        return self.entry(variant) is not None
+        # fp32/bf16/fp16 TorchScript are all cast from the one fp32 file at load
+        return (variant.backend == "torchscript" and variant.precision in PRECISIONS) or bool(self.entry(variant))
 
     def path(self, variant: Variant) -> Path:
-        entry = self.entry(variant)
-        if entry is None and not (variant.backend == "torchscript" and variant.precision in PRECISIONS):
+        if not self.has(variant):
             raise VariantUnavailable(f"the archive has no file for {variant.name}")
+        entry = self.entry(variant)
         return self.root / (entry["file"] if entry else self.torchscript)
 
 
