@@ -45,7 +45,28 @@ def trace(spec: ModelSpec, prepared: PreparedModel) -> torch.jit.ScriptModule:
         )
     if spec.freeze:
         traced = torch.jit.freeze(traced)
+    follow_input_device(traced)
     return traced
+
+
+def follow_input_device(traced: torch.jit.ScriptModule) -> int:
+    """Replace the devices a trace recorded as constants (transformers' mask code calls `arange(...,
+    device=input.device)`, which tracing on the CPU turns into `device="cpu"`) with the first input's device,
+    so the program exported here also runs on a GPU. Returns how many constants were replaced."""
+    graph = traced.graph
+    torch._C._jit_pass_inline(graph)
+    constants = [node for node in graph.nodes()
+                 if node.kind() == "prim::Constant" and node.output().type().kind() == "DeviceObjType"]
+    if not constants:
+        return 0
+    first_input = list(graph.inputs())[1]  # 0 is the module itself
+    device = graph.create("prim::device", [first_input], 1)
+    device.output().setType(torch._C.DeviceObjType.get())
+    device.insertBefore(next(iter(graph.nodes())))
+    for node in constants:
+        node.output().replaceAllUsesWith(device.output())
+        node.destroy()
+    return len(constants)
 
 
 def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None = None) -> ExportReport:

@@ -5,6 +5,7 @@
       precision: auto        fp32 | bf16 | fp16 | int8 | auto
       onednn_fusion: auto    true | false | auto (TorchScript on a CPU)
       auto_tolerance: 0.02   largest discrepancy from fp32 that `auto` accepts (the handler defines it)
+      reduced_precision: cast   how TorchScript runs bf16/fp16: cast (weights cast, then frozen) | autocast
 
 A setting that names a value wins. For `auto` the candidates are what the device runs natively
 (`handlers.capabilities`: no bf16 without AMX or AVX512-BF16, no int8 without a fast int8 path) and what
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 
 from handlers.capabilities import Capabilities
-from handlers.runtimes import BACKENDS, PRECISIONS, Artefacts, Runner, Variant, VariantUnavailable
+from handlers.runtimes import BACKENDS, CASTS, PRECISIONS, Artefacts, Runner, Variant, VariantUnavailable
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
@@ -56,6 +57,7 @@ class Settings:
     fusion: str = AUTO
     tolerance: float = 0.02
     margin: float = 0.05
+    cast: str = "cast"
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, tolerance: float) -> Settings:
@@ -63,12 +65,14 @@ class Settings:
         backend = str(config.get("backend", AUTO)).lower()
         precision = str(config.get("precision", AUTO)).lower()
         fusion = str(config.get("onednn_fusion", AUTO)).lower()
+        cast = str(config.get("reduced_precision", "cast")).lower()
         for key, value, allowed in (("backend", backend, (*BACKENDS, AUTO)),
                                     ("precision", precision, (*ALL_PRECISIONS, AUTO)),
-                                    ("onednn_fusion", fusion, ("true", "false", AUTO))):
+                                    ("onednn_fusion", fusion, ("true", "false", AUTO)),
+                                    ("reduced_precision", cast, CASTS)):
             if value not in allowed:
                 raise ValueError(f"model-config.yaml handler.{key} is {value!r}; expected one of {', '.join(allowed)}")
-        return cls(backend, precision, fusion, float(config.get("auto_tolerance", tolerance)))
+        return cls(backend, precision, fusion, float(config.get("auto_tolerance", tolerance)), cast=cast)
 
 
 def candidates(settings: Settings, caps: Capabilities, artefacts: Artefacts) -> list[Variant]:
@@ -155,7 +159,7 @@ def run_trials(variants: Sequence[Variant], load: Callable[[Variant], Runner], i
                 times: list[float] = []
                 while len(times) < repeats or (sum(times) < budget_s and len(times) < 1000):
                     started = clock()
-                    runner(*inputs)
+                    _finished(runner(*inputs))
                     times.append(clock() - started)
         except (VariantUnavailable, RuntimeError, ValueError, OSError) as exc:
             trial.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"  # not the traceback
@@ -167,6 +171,12 @@ def run_trials(variants: Sequence[Variant], load: Callable[[Variant], Runner], i
         trial.discrepancy = round(float(discrepancy(reference, output)), 6)
         trial.runner = runner
     return trials
+
+
+def _finished(output: torch.Tensor) -> None:
+    """Wait for the GPU: a CUDA call returns when its kernels are queued, not when they are done."""
+    if output.is_cuda:
+        torch.cuda.synchronize(output.device)
 
 
 def cache_dir() -> Path:

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,10 +278,16 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         return oip.error_answer(internal_error_body(exc), request, self.context, idx)
 
     def _pick_device(self, properties: dict[str, Any]) -> torch.device:
+        """The device; on CUDA the `handler:` keys of model-config.yaml's `gpu:` section apply (logged)."""
         gpu_id = properties.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None and self.config.get("device", "auto") != "cpu":
-            return torch.device(f"cuda:{gpu_id}")
-        return torch.device("cpu")
+        if not (torch.cuda.is_available() and gpu_id is not None and self.config.get("device", "auto") != "cpu"):
+            return torch.device("cpu")
+        device = torch.device(f"cuda:{gpu_id}")
+        overrides = device_overrides(getattr(self.context, "model_yaml_config", None), device)
+        if overrides:
+            self.config.update(overrides)
+            log.info("device %s: gpu section of model-config.yaml applied: %s", device, overrides)
+        return device
 
     def _set_threads(self, context: Any) -> None:
         threads = self.config.get("threads")
@@ -319,7 +325,7 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
                              f"{self.settings.backend}, precision={self.settings.precision}; the archive has "
                              f"{', '.join(['torchscript', *artefacts.extra]) or 'no model file'}")
         load = functools.partial(runtimes.load, artefacts=artefacts, device=self.device,
-                                 channels_last=self.channels_last)
+                                 channels_last=self.channels_last, cast=self.settings.cast)
         selection: dict[str, Any] = {"capabilities": capabilities.to_json(),
                                      "candidates": [v.name for v in variants]}
         if len(variants) == 1:
@@ -375,3 +381,11 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         """Class names in index order from the archive's `{"0": name, ...}` file."""
         labels = self.read_json(name)
         return [str(labels[str(i)]) for i in range(len(labels))]
+
+
+def device_overrides(model_config: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
+    """The `handler:` keys of model-config.yaml's `gpu:` section, which apply when a worker's device is CUDA."""
+    if device.type != "cuda":
+        return {}
+    section = (model_config or {}).get("gpu") or {}
+    return dict(section.get("handler") or {}) if isinstance(section, Mapping) else {}

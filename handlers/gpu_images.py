@@ -505,11 +505,3 @@ class _Decoded:
     """An image nvJPEG decoded (CxHxW uint8 on the device, before orientation)."""
 
     image: torch.Tensor
-
-
-def device_overrides(model_config: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
-    """The `handler:` keys of model-config.yaml's `gpu:` section, which apply when a worker's device is CUDA."""
-    if device.type != "cuda":
-        return {}
-    section = (model_config or {}).get("gpu") or {}
-    return dict(section.get("handler") or {}) if isinstance(section, Mapping) else {}

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from handlers.base import BatchHandler, probability_discrepancy
-from handlers.gpu_images import GpuImages, device_overrides
+from handlers.gpu_images import GpuImages
 from handlers.images import ImagePreprocessor
 from handlers.payload import as_bytes
 from handlers.runtimes import PRECISIONS
@@ -99,15 +99,6 @@ class ImageClassifierHandler(BatchHandler):
         if self.selection.get("backend", "torchscript") != "torchscript":
             return torch.float32
         return PRECISIONS.get(str(self.selection.get("precision")), torch.float32)
-
-    def _pick_device(self, properties: dict[str, Any]) -> torch.device:
-        """The device; on CUDA the `handler:` keys of model-config.yaml's `gpu:` section apply (logged)."""
-        device = super()._pick_device(properties)
-        overrides = device_overrides(getattr(self.context, "model_yaml_config", None), device)
-        if overrides:
-            self.config.update(overrides)
-            log.info("device %s: gpu section of model-config.yaml applied: %s", device, overrides)
-        return device
 
     def encode(self, row: torch.Tensor) -> dict[str, Any]:
         probabilities = torch.softmax(row.float(), dim=0)

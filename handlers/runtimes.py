@@ -1,7 +1,8 @@
 """The ways a worker can run an exported model: a `Variant` (backend x precision x fusion) and its loader.
 
-    torchscript   the `.pt` export (fp32), cast to bf16/fp16 and frozen at load; or the int8 `.int8.pt`
-                  export (post-training static quantization, already frozen)
+    torchscript   the `.pt` export (fp32), cast to bf16/fp16 and frozen at load (or, for programs whose
+                  traced constants pin fp32, run under autocast); or the int8 `.int8.pt` export
+                  (post-training static quantization, already frozen)
     onnxruntime   the `.onnx` export (fp32) or its int8 quantization, in an ONNX Runtime session
                   (CPU provider; CUDA provider where present)
     aotinductor   the `.pt2` package compiled ahead of time by AOTInductor at export: no compiler and no
@@ -28,6 +29,9 @@ BACKENDS = ("torchscript", "onnxruntime", "aotinductor")
 #: export.json `artefacts` keys, by (backend, precision): what file a variant loads
 ARTEFACT_KEYS = {("torchscript", "int8"): "int8", ("onnxruntime", "fp32"): "onnx",
                  ("onnxruntime", "int8"): "onnx-int8", ("aotinductor", "fp32"): "aotinductor"}
+#: how a TorchScript program runs in bf16/fp16: weights cast and frozen (fastest), or under autocast, for
+#: traced programs that pin fp32 in their constants (MiniLM's attention mask)
+CASTS = ("cast", "autocast")
 Runner = Callable[..., torch.Tensor]
 
 
@@ -91,22 +95,30 @@ def onednn_fusion(enabled: bool) -> Iterator[None]:
         torch.jit.enable_onednn_fusion(previous)
 
 
-def compile_for_serving(model: torch.jit.ScriptModule, dtype: torch.dtype,
-                        channels_last: bool) -> torch.jit.ScriptModule:
+def compile_for_serving(model: torch.jit.ScriptModule, dtype: torch.dtype, channels_last: bool,
+                        device: torch.device | None = None) -> torch.jit.ScriptModule:
     """Cast, re-layout, then freeze: freezing folds the weights into constants (and conv+batch-norm into one
-    conv), after which `.to(dtype)` or `.to(memory_format=...)` no longer reach them, so the order matters."""
+    conv), after which `.to(dtype)` or `.to(memory_format=...)` no longer reach them, so the order matters.
+
+    On CUDA the frozen program also goes through `optimize_for_inference`, which fuses convolution + add +
+    ReLU into single cuDNN calls: ResNet-50 fp16 on an H200 went from 12,600 to 19,700 img/s at batch 32
+    (26,600 at 256, as fast as `torch.compile`, in 0.1 s instead of a compile). On a CPU it would convert to
+    MKL-DNN layouts instead, which the oneDNN fusion switch and int8 already cover, so it is not applied there."""
     model = model.eval().to(dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     frozen: torch.jit.ScriptModule = torch.jit.freeze(model)
+    if device is not None and device.type == "cuda":
+        frozen = torch.jit.optimize_for_inference(frozen)
     return frozen
 
 
-def load(variant: Variant, artefacts: Artefacts, device: torch.device, *, channels_last: bool = False) -> Runner:
+def load(variant: Variant, artefacts: Artefacts, device: torch.device, *, channels_last: bool = False,
+         cast: str = "cast") -> Runner:
     """A runner for `variant`; raises VariantUnavailable when it cannot run here."""
     path = artefacts.path(variant)
     if variant.backend == "torchscript":
-        return _torchscript(variant, path, device, channels_last)
+        return _torchscript(variant, path, device, channels_last, autocast=cast == "autocast")
     if variant.backend == "onnxruntime":
         return _onnxruntime(path, device)
     if variant.backend == "aotinductor":
@@ -114,28 +126,31 @@ def load(variant: Variant, artefacts: Artefacts, device: torch.device, *, channe
     raise VariantUnavailable(f"unknown backend {variant.backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def _torchscript(variant: Variant, path: Path, device: torch.device, channels_last: bool) -> Runner:
+def _torchscript(variant: Variant, path: Path, device: torch.device, channels_last: bool,
+                 autocast: bool) -> Runner:
     module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+    dtype = PRECISIONS.get(variant.precision, torch.float32)
+    mixed = autocast and dtype != torch.float32
     if variant.precision == "int8":
         if device.type != "cpu":
             raise VariantUnavailable("int8 TorchScript (fbgemm/oneDNN quantized kernels) runs on the CPU only")
-        dtype = torch.float32  # the quantized program takes float input and quantizes it itself
-        module = module.eval()
+        module = module.eval()  # the quantized program takes float input and quantizes it itself
     else:
-        dtype = PRECISIONS[variant.precision]
-        module = compile_for_serving(module, dtype, channels_last)
+        module = compile_for_serving(module, torch.float32 if mixed else dtype, channels_last, device)
     fuse = variant.fusion and device.type == "cpu"
+    input_dtype = torch.float32 if mixed or variant.precision == "int8" else dtype
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
-        cast = [_prepare(t, dtype, channels_last) for t in inputs]
-        with onednn_fusion(fuse):
+        cast = [prepare(t, input_dtype, channels_last) for t in inputs]
+        with onednn_fusion(fuse), torch.autocast(device.type, dtype=dtype, enabled=mixed):
             output: torch.Tensor = module(*cast)
         return output.float()
 
     return run
 
 
-def _prepare(tensor: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+def prepare(tensor: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """A floating input in `dtype`, and NHWC when `channels_last` (4-d only); token ids pass unchanged."""
     if tensor.is_floating_point():
         tensor = tensor.to(dtype)
     if channels_last and tensor.dim() == 4:

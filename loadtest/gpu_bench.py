@@ -1,4 +1,4 @@
-"""`make bench-gpu`: an image model on one GPU, from a clean tree, in one command.
+"""`make bench-gpu`: an image or sentence-embedding model on one GPU, from a clean tree, in one command.
 
     python -m loadtest.gpu_bench --levels 16,64,256 --duration 15 [--bundle ts.txz] [--wheels DIR] [--photos DIR]
 
@@ -102,8 +102,7 @@ def export_and_archive(model: str, model_name: str | None, handler: str | None, 
     export_dir = build_dir / model
     started = time.perf_counter()
     if not (export_dir / "export.json").is_file():
-        if "variants" in {f.name for f in dataclasses.fields(spec)}:
-            spec = dataclasses.replace(spec, variants=())  # type: ignore[call-arg]
+        spec = dataclasses.replace(spec, variants=())
         export_model(spec, export_dir)
     exported = time.perf_counter()
     plan = archive.plan(model, build_dir=build_dir, store=store, config_file=config, model_name=model_name,
@@ -191,6 +190,21 @@ def references(local: Any, cases: list[Case]) -> tuple[list[Case], list[Any]]:
         if expect is not None:
             kept.append(Case(case.name, case.body, case.content_type, expect))
     return kept, answers
+
+
+def embedding_parity(gpu_answers: list[Any], cpu_answers: list[Any]) -> dict[str, Any]:
+    """How far the GPU's sentence embeddings are from the CPU's fp32 ones (cosine similarity)."""
+    import numpy as np
+
+    from loadtest.payloads import vector
+
+    cosines = []
+    for g, c in zip(gpu_answers, cpu_answers, strict=True):
+        a, b = vector(g), vector(c)
+        if a is not None and b is not None:
+            x, y = np.asarray(a), np.asarray(b)
+            cosines.append(float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-12)))
+    return {"cases": len(cosines), "min_cosine": round(min(cosines), 6)} if cosines else {}
 
 
 def parity(gpu_answers: list[Any], cpu_answers: list[Any]) -> dict[str, Any]:
@@ -423,7 +437,8 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.gpu_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50", help="a declared model served by the image handler")
+    parser.add_argument("--model", default="resnet50", help="a declared model (image or text handler)")
+    parser.add_argument("--mar", type=Path, help="serve this archive as built (no export here)")
     parser.add_argument("--model-name", help="serve the export under another name (with --handler, --config)")
     parser.add_argument("--handler", help="entry handler file (default: the model's)")
     parser.add_argument("--config", type=Path, help="model-config.yaml (default: config/models/MODEL.yaml)")
@@ -462,33 +477,47 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
     print(f"gpu-bench {name}: {'GPU ' + torch.cuda.get_device_name(0) if gpu else 'no GPU: CPU run'}", flush=True)
-    mar, timings = export_and_archive(args.model, args.model_name, args.handler, args.config, args.build_dir, store)
+    if args.mar is not None:  # built elsewhere: served as it is
+        store.mkdir(parents=True, exist_ok=True)
+        mar, timings = Path(shutil.copy2(args.mar, store / f"{name}.mar")), {"prebuilt": args.mar.name}
+    else:
+        mar, timings = export_and_archive(args.model, args.model_name, args.handler, args.config, args.build_dir,
+                                          store)
     import yaml
 
+    from export.registry import get
     from loadtest.inprocess import unpack
+    from loadtest.payloads import sentence_cases
 
     model_config = yaml.safe_load((unpack(mar) / "model-config.yaml").read_text()) or {}
     local = local_handler(mar, gpu)
     print(f"  in-process handler on {local.handler.device}: {json.dumps(local.handler.selection.get('variant'))}",
           flush=True)
-    cases, gpu_answers = references(local, photo_jpegs(args.payload_count))
+    text = get(args.model).handler.endswith("text_handler.py")
+    bodies = sentence_cases(args.payload_count, 0) if text else photo_jpegs(args.payload_count)
+    cases, gpu_answers = references(local, bodies)
+    if not cases:
+        raise SystemExit(f"the archive's handler answered none of the {len(bodies)} payloads in-process (see its "
+                         "log above); nothing to measure")
     parity_figures: dict[str, Any] = {}
     if gpu:
         fp32 = {"precision": "fp32", "backend": "torchscript"}
-        bodies = photo_jpegs(args.payload_count)
 
         def answers_of(handler: Any) -> list[Any]:
             return [json.loads(b) if s == 200 else None for s, b in handler.handle(bodies)]
 
         cpu_answers = answers_of(local_handler(mar, False, fp32, batch_size=1))
-        # as served (fp16, nvJPEG) and the decoder alone (fp32 on both sides)
-        parity_figures = {"served": parity(gpu_answers, cpu_answers),
-                          "fp32_decoder_only": parity(answers_of(local_handler(mar, True, fp32, batch_size=1)),
-                                                      cpu_answers)}
+        if text:
+            parity_figures = {"served": embedding_parity(gpu_answers, cpu_answers)}
+        else:  # as served (fp16, nvJPEG) and the decoder alone (fp32 on both sides)
+            parity_figures = {"served": parity(gpu_answers, cpu_answers),
+                              "fp32_decoder_only": parity(answers_of(local_handler(mar, True, fp32, batch_size=1)),
+                                                          cpu_answers)}
     ceiling = None
     if "ceiling" in targets:
         ceiling = ceilings(local, cases, int(model_config.get("batchSize") or 1), args.ceiling_duration)
         print(f"  ceiling  {json.dumps(ceiling)}", flush=True)
+    local_selection = local.handler.selection
     del local
     if gpu:
         torch.cuda.empty_cache()
@@ -498,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         served, memory["tsforge"] = serve_and_measure("tsforge", name, store, cases, levels, args.duration,
                                                       args.warmup, args.clients)
         rows += served
-    if "stock" in targets:
+    if "stock" in targets and text:
+        notes.append("no stock handler: TorchServe ships none for sentence embeddings")
+    elif "stock" in targets:
         stock_store = stock_archive(args.model, args.build_dir / args.model, BUILD / "stock-store").parent
         # The stock handler answers {label: probability} in fp32: demand the label only.
         stock_cases = [Case(c.name, c.body, c.content_type, {"label": c.expect["label"]}) for c in cases
@@ -522,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "payloads": {"count": len(cases), "mean_bytes": round(sum(len(c.body) for c in cases) / max(1, len(cases)))},
         "setup": {**timings, "notes": notes},
         "parity": parity_figures,
+        "selection": local_selection,
         "ceiling": ceiling,
         "rows": rows,
         "ratios": ratios,

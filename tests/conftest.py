@@ -40,9 +40,13 @@ def configured_workers(name: str) -> int:
 
 def offline_runner(model: str, selection: dict[str, Any], *, channels_last: bool = False) -> runtimes.Runner:
     """The variant a server chose, loaded here from the export folder: the same program, in-process."""
+    import yaml
+
     variant = runtimes.Variant(selection["backend"], selection["precision"], selection["fusion"])
     artefacts = runtimes.Artefacts.read(BUILD / model, f"{model}.pt")
-    return runtimes.load(variant, artefacts, torch.device("cpu"), channels_last=channels_last)
+    handler = yaml.safe_load((ROOT / "config" / "models" / f"{model}.yaml").read_text()).get("handler") or {}
+    return runtimes.load(variant, artefacts, torch.device("cpu"), channels_last=channels_last,
+                         cast=handler.get("reduced_precision", "cast"))
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -13,7 +13,7 @@ import torch
 from handlers import autoselect
 from handlers.autoselect import Settings, Trial, candidates, pick, run_trials
 from handlers.capabilities import Capabilities, cpu_capabilities
-from handlers.runtimes import Artefacts, Variant, VariantUnavailable
+from handlers.runtimes import Artefacts, Variant, VariantUnavailable, load
 
 # torch.cpu.get_capabilities() as three kinds of machine report it (only the flags that matter here)
 SAPPHIRE_RAPIDS = {"cpu_name": "Xeon AMX", "amx_tile": True, "amx_bf16": True, "amx_int8": True,
@@ -90,6 +90,7 @@ def test_missing_files_are_not_candidates(tmp_path: Path) -> None:
     ("backend", "tensorrt",
      "handler.backend is 'tensorrt'; expected one of torchscript, onnxruntime, aotinductor, auto"),
     ("onednn_fusion", "yes", "handler.onednn_fusion is 'yes'; expected one of true, false, auto"),
+    ("reduced_precision", "amp", "handler.reduced_precision is 'amp'; expected one of cast, autocast"),
 ])
 def test_bad_settings_are_refused_with_the_allowed_values(key: str, value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -151,3 +152,28 @@ def test_workers_of_one_model_share_the_choice(tmp_path: Path, monkeypatch: pyte
         assert autoselect.remembered(path) == Variant("onnxruntime", "int8")
     with autoselect.shared_decision("model-b") as path:
         assert autoselect.remembered(path) is None
+
+
+class _PinnedFp32(torch.nn.Module):
+    """Like traced MiniLM: the program converts an input to fp32 itself, so weights cast to bf16 cannot meet it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.to(torch.float32))
+
+
+def test_a_program_that_pins_fp32_runs_in_bf16_under_autocast(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    torch.jit.trace(_PinnedFp32().eval(), (x,)).save(str(tmp_path / "m.pt"))  # type: ignore[no-untyped-call]
+    artefacts = Artefacts(tmp_path, "m.pt", {})
+    reference = load(Variant(), artefacts, torch.device("cpu"))(x)
+    with pytest.raises(RuntimeError, match="dtype"):
+        load(Variant(precision="bf16"), artefacts, torch.device("cpu"))(x)  # weights cast: the program refuses
+    mixed = load(Variant(precision="bf16"), artefacts, torch.device("cpu"), cast="autocast")(x)
+    assert mixed.dtype == torch.float32 and not torch.equal(mixed, reference)  # bf16 matmul: close, not equal
+    torch.testing.assert_close(mixed, reference, rtol=0.05, atol=0.05)
+    assert Settings.from_config({"reduced_precision": "autocast"}, tolerance=0.01).cast == "autocast"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.exporter import export_model
+from export.exporter import export_model, follow_input_device
 from export.models import digits
 from export.spec import ExportError, ModelSpec, PreparedModel
 
@@ -56,3 +56,23 @@ def test_declaring_another_module_is_enough(tmp_path: Path) -> None:
                      factory=lambda: PreparedModel(module=linear, example_inputs=(torch.randn(5, 4),)))
     report = export_model(spec, tmp_path)
     assert report.parity_max_abs_diff <= 1e-6 and (tmp_path / "linear.pt").is_file()
+
+
+class _Positions(torch.nn.Module):
+    """Like transformers' mask code: a tensor made on `x.device`, which a trace records as a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(x.shape[1], device=x.device)
+
+
+def test_a_traced_device_follows_the_input(tmp_path: Path) -> None:
+    x = torch.zeros(2, 3)
+    traced = torch.jit.trace(_Positions(), (x,))  # type: ignore[no-untyped-call]
+    assert 'Device = prim::Constant[value="cpu"]' in str(traced.inlined_graph)
+    assert follow_input_device(traced) == 1
+    traced.save(str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))  # type: ignore[no-untyped-call]
+    assert "Device = prim::Constant" not in str(loaded.inlined_graph)
+    assert "prim::device" in str(loaded.graph)
+    assert torch.equal(loaded(torch.ones(1, 5)), torch.ones(1, 5) + torch.arange(5))  # other shapes still free
+    assert follow_input_device(torch.jit.trace(torch.nn.Linear(3, 1), (x,))) == 0  # type: ignore[no-untyped-call]

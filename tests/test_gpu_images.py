@@ -26,11 +26,11 @@ from ts.context import Context, RequestProcessor
 
 from export.models.resnet import sample_photos
 from handlers import gpu_images
+from handlers.base import device_overrides
 from handlers.errors import InvalidInput, PayloadTooLarge, RequestError, UndecodableInput
 from handlers.gpu_images import (
     GpuImages,
     PendingJpeg,
-    device_overrides,
     gpu_refusal,
     orient,
     read_jpeg_header,
@@ -38,6 +38,7 @@ from handlers.gpu_images import (
 )
 from handlers.image_handler import ImageClassifierHandler
 from handlers.images import IMAGENET_STD, ImagePreprocessor
+from tests.conftest import built_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVEL = 1 / 255 / min(IMAGENET_STD)  # one 8-bit level in normalised units
@@ -397,3 +398,34 @@ def test_gpu_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert row["success_rate"] == 1.0 and row["client"]["processes"] == 2
     assert result["ceiling"]["model_b256_items_per_s"] > 0
     assert (out / "gpu-bench.png").is_file() and "| tsforge | 2 |" in (out / "gpu-bench.md").read_text()
+
+
+def test_gpu_bench_serves_a_prebuilt_text_archive(tmp_path: Path) -> None:
+    """The sentence-embedding path of the bench (`--mar`: an archive built elsewhere): sentence payloads with
+    reference answers, the ceiling, and the stock handler skipped with the reason (TorchServe has none)."""
+    from loadtest import gpu_bench
+
+    out = tmp_path / "report"
+    code = gpu_bench.main(["--model", "minilm", "--mar", str(built_archive("minilm")), "--targets", "ceiling,stock",
+                           "--payload-count", "4", "--ceiling-duration", "0.2", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "gpu-bench.json").read_text())
+    assert result["payloads"]["count"] == 4 and result["setup"]["prebuilt"] == "minilm.mar"
+    assert result["ceiling"]["handler_items_per_s"] > 0 and result["rows"] == []
+    assert any("no stock handler" in note for note in result["setup"]["notes"])
+
+
+@cuda
+def test_on_cuda_the_frozen_program_is_optimized_for_inference() -> None:
+    """conv + add + ReLU fused into cuDNN calls on CUDA (docs/benchmarks.md: 1.6x at batch 32 on an H200)."""
+    from handlers.runtimes import compile_for_serving
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval().cuda()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    traced = torch.jit.trace(block, (x,))  # type: ignore[no-untyped-call]
+    served = compile_for_serving(traced, torch.float16, True, torch.device("cuda"))
+    with torch.inference_mode():
+        torch.testing.assert_close(served(x.half().contiguous(memory_format=torch.channels_last)).float(), block(x),
+                                   rtol=1e-2, atol=1e-2)
+    assert "aten::batch_norm" not in str(served.graph)
