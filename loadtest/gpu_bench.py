@@ -430,7 +430,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "tsforge / stock at the same concurrency: " + ", ".join(
             f"c={level}: {ratio}x" for level, ratio in result["ratios"].items())]
     if result.get("parity"):
-        lines += ["", f"GPU path against the CPU path (fp32, Pillow): {json.dumps(result['parity'])}"]
+        lines += ["", f"GPU path against the CPU path in fp32: {json.dumps(result['parity'])}"]
     return "\n".join(lines) + "\n"
 
 
