@@ -134,6 +134,26 @@ class RssSampler:
             self._thread.join()
 
 
+def process_names(samples: list[dict[str, Any]]) -> list[str]:
+    """Every process sampled, once, in the order first seen: a worker that replaced another comes after it."""
+    return list(dict.fromkeys(name for s in samples for name in s["rss_mb"]))
+
+
+def labels(names: list[str]) -> dict[str, str]:
+    """Table labels: `frontend`, and `MODEL worker N (pid P)` with N counting each model's workers from 1, so two
+    workers of one model (ResNet-18 has two) read as two rows, not as one row printed twice."""
+    counts: dict[str, int] = {}
+    out = {}
+    for name in names:
+        model, _, pid = name.partition("/")
+        if not pid:
+            out[name] = name
+            continue
+        counts[model] = counts.get(model, 0) + 1
+        out[name] = f"{model} worker {counts[model]} (pid {pid})"
+    return out
+
+
 def growth(samples: list[dict[str, Any]], progress: dict[str, Progress], warmup: float) -> dict[str, Any]:
     """Per process: mean RSS over the first and the last tenth of the samples taken after warm-up (every model
     past `warmup` of its requests), the growth between them, and the peak."""
@@ -141,12 +161,12 @@ def growth(samples: list[dict[str, Any]], progress: dict[str, Progress], warmup:
     warm = warm or samples
     span = max(1, int(len(warm) * WINDOW))
     rows = {}
-    for name in samples[0]["rss_mb"]:
+    for name, label in labels(process_names(samples)).items():
         series = [s["rss_mb"][name] for s in warm if name in s["rss_mb"]]
         if len(series) < 2:
             continue
         first, last = statistics.fmean(series[:span]), statistics.fmean(series[-span:])
-        rows[name] = {"baseline_mb": round(first, 1), "final_mb": round(last, 1),
+        rows[name] = {"label": label, "baseline_mb": round(first, 1), "final_mb": round(last, 1),
                       "peak_mb": round(max(s["rss_mb"].get(name, 0.0) for s in samples), 1),
                       "growth_pct": round(100.0 * (last / first - 1.0), 2)}
     return {"warm_from_s": warm[0]["t"], "processes": rows}
@@ -159,9 +179,9 @@ def plot(samples: list[dict[str, Any]], warm_from: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for name in samples[0]["rss_mb"]:
+    for name, label in labels(process_names(samples)).items():
         points = [(s["t"], s["rss_mb"][name]) for s in samples if name in s["rss_mb"]]
-        ax.plot([t for t, _ in points], [v for _, v in points], label=name)
+        ax.plot([t for t, _ in points], [v for _, v in points], label=label)
     ax.axvline(warm_from, color="grey", linestyle="--", label="warm")
     ax.set_xlabel("seconds")
     ax.set_ylabel("RSS (MB)")
@@ -175,8 +195,8 @@ def plot(samples: list[dict[str, Any]], warm_from: float, path: Path) -> None:
 def table(summary: dict[str, Any]) -> str:
     lines = ["| process | baseline MB | final MB | peak MB | growth after warm-up | goal |",
              "|---|---|---|---|---|---|"]
-    for name, row in summary["rss"]["processes"].items():
-        lines.append(f"| {name.replace('/', ' worker ')} | {row['baseline_mb']} | {row['final_mb']} "
+    for row in summary["rss"]["processes"].values():
+        lines.append(f"| {row['label']} | {row['baseline_mb']} | {row['final_mb']} "
                      f"| {row['peak_mb']} | {row['growth_pct']:+.2f} % "
                      f"| ≤ {GOAL_PCT:g} % |")
     lines += ["", "| model | requests | failed | seconds | requests/s |", "|---|---|---|---|---|"]
