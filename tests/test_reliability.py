@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from loadtest.inprocess import prepared_cases
 from loadtest.loadgen import LoadResult, load
 from loadtest.payloads import Case
 from tests.conftest import BUILD, ROOT, STORE, StartServer, built_archive
-from tsforge import archive
+from tests.test_rollout import versioned_store
+from tsforge import archive, deploy, procgroup
 from tsforge.server import TorchServe
 
 pytestmark = pytest.mark.integration
@@ -34,10 +36,16 @@ pytestmark = pytest.mark.integration
 FAULT_HANDLER = "tests/fault_handler.py"
 FIGURES = ROOT / "reports" / "reliability"
 PINNED = {"backend": "torchscript", "precision": "fp32", "onednn_fusion": "false"}  # no start-up measurement
+# The issue's goal, for one worker start and for a failed restart alike. A failed restart costs two worker starts,
+# each TorchServe's fixed 1 s retry back-off, the new worker's `import torch` (TorchServe imports it before the
+# worker listens: 1.7-2.5 s on 2 cores) and the handler's setup (0.1-0.2 s, nothing measured): 5.5-7.4 s measured.
 RECOVERY_BOUND_S = 10.0
-# A failed restart costs a second worker start plus TorchServe's retry back-off (1 s), on a busy 2-core box ~4 s each.
-FAILED_RESTART_BOUND_S = 20.0
+REPLACEMENT_WAIT_S = 20.0  # a worker replaced after responseTimeout: 2.8 s idle, 13.8 s beside a soak
 REJECT_BOUND_MS = 50.0
+STOP_BOUND_S = 15.0
+# what a client of a stopping server may see besides its answer: the port closed, or its connection cut
+STOP_FAILURES = ("ConnectionRefusedError", "ConnectionResetError", "BrokenPipeError", "IncompleteReadError",
+                 "HTTP 5")
 
 
 def record(scenario: str, figures: dict[str, Any]) -> None:
@@ -134,8 +142,11 @@ class Background:
 
 
 def first_success_after(result: LoadResult, moment: float) -> float:
+    """Seconds from `moment` to the first right answer to a request sent after it (one answered just after
+    `moment` but sent before it says nothing about recovery)."""
     failed = set(result.failed_at)
-    return min(t for t in result.started if t > moment and t not in failed) - moment
+    return min(t for t, ms in zip(result.started, result.latency_ms, strict=True)
+               if t - ms / 1000 > moment and t not in failed) - moment
 
 
 def assert_only_in_flight_failed(result: LoadResult, batch_size: int, bound_s: float = RECOVERY_BOUND_S) -> None:
@@ -162,20 +173,20 @@ def test_sigkill_under_load_fails_only_the_batch_in_flight(server: TorchServe, c
 
 def test_a_restart_that_fails_in_initialize_is_retried_and_recovers(server: TorchServe, cases: list[Case]) -> None:
     (old,) = worker_pids(server, "crashy")
-    load_ = Background(server, "crashy", label_only(cases), users=8, duration_s=1.5 + FAILED_RESTART_BOUND_S + 2.0)
+    load_ = Background(server, "crashy", label_only(cases), users=8, duration_s=1.5 + RECOVERY_BOUND_S + 2.0)
     time.sleep(1.5)
     killed_at = load_.at()
     os.kill(old, signal.SIGKILL)
-    recovered = wait_for(replaced(server, "crashy", {old}, 1), FAILED_RESTART_BOUND_S)
+    recovered = wait_for(replaced(server, "crashy", {old}, 1), RECOVERY_BOUND_S)
     result = load_.finish(timeout=30)
     assert "injected failure on worker start 2" in (server.run_dir / "logs" / "model_log.log").read_text()
     # the batch in flight on the killed worker (500), and the one TorchServe handed to the restart that failed (507)
-    assert_only_in_flight_failed(result, batch_size=2 * 8, bound_s=FAILED_RESTART_BOUND_S)
+    assert_only_in_flight_failed(result, batch_size=2 * 8, bound_s=RECOVERY_BOUND_S)
     first_ok = first_success_after(result, killed_at)
-    assert first_ok < FAILED_RESTART_BOUND_S
+    assert first_ok < RECOVERY_BOUND_S
     record("restart_fails_in_initialize", {"requests": len(result.started), "failed": result.failed,
                                            "failures": result.failures, "first_200_after_kill_s": round(first_ok, 2),
-                                           "worker_ready_s": round(recovered, 2), "bound_s": FAILED_RESTART_BOUND_S})
+                                           "worker_ready_s": round(recovered, 2), "bound_s": RECOVERY_BOUND_S})
 
 
 def test_a_model_slower_than_response_timeout_errs_in_bounded_time_then_serves(server: TorchServe,
@@ -186,7 +197,7 @@ def test_a_model_slower_than_response_timeout_errs_in_bounded_time_then_serves(s
     answer = requests.post(url, data=cases[0].body, headers={"Content-Type": cases[0].content_type}, timeout=30)
     waited = time.monotonic() - began
     assert answer.status_code >= 500 and waited < 2 + RECOVERY_BOUND_S  # responseTimeout is 2 s
-    back = wait_for(replaced(server, "slow", {old}, 1), FAILED_RESTART_BOUND_S)
+    back = wait_for(replaced(server, "slow", {old}, 1), REPLACEMENT_WAIT_S)
     later = [requests.post(url, data=c.body, headers={"Content-Type": c.content_type}, timeout=30) for c in cases[:8]]
     assert [r.status_code for r in later] == [200] * 8
     record("slower_than_response_timeout", {"status": answer.status_code, "error_after_s": round(waited, 2),
@@ -263,3 +274,49 @@ def test_clients_that_hang_up_leak_no_worker_state_or_memory(server: TorchServe,
     record("hang_ups", {"connections": 600, "worker_rss_before_mb": round(before, 1),
                         "worker_rss_after_mb": round(after, 1), "growth_pct": round(100 * (after / before - 1), 2)})
 
+
+
+def test_make_stop_under_load_is_bounded_and_a_restart_serves_the_same_versions(
+        start_server: StartServer, tmp_path_factory: pytest.TempPathFactory, cases: list[Case]) -> None:
+    store = versioned_store(tmp_path_factory.mktemp("store"), {"digits": "1.0", "digits-2.0": "2.0"})
+    run_dir = tmp_path_factory.mktemp("run")
+    first = start_server(["digits"], store=store, snapshots=True, run_dir=run_dir)
+    deploy.deploy(first, "digits", "2.0", store, log=lambda *_: None)  # two versions, 2.0 the default
+    pgid = int(first.pid_file.read_text())
+    tree, temp = procgroup.members(pgid) or [], first.temp_dir
+    assert len(tree) >= 2 + 4 and temp is not None  # launcher, frontend, two workers per version
+    load_ = Background(first, "digits", label_only(cases), users=16, duration_s=3.0 + 6.0)
+    time.sleep(3.0)
+    stopped_at = load_.at()
+    began = time.monotonic()
+    stopped = subprocess.run(["make", "-s", "stop", f"RUN_DIR={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)  # another process than the one that started it, as from a shell
+    took = time.monotonic() - began
+    result = load_.finish(timeout=30)
+    assert stopped.returncode == 0 and "TorchServe stopped" in stopped.stdout, stopped.stderr
+    assert took <= STOP_BOUND_S
+    assert [pid for pid in tree if procgroup.pid_alive(pid)] == [] and not first.alive()  # no orphaned worker
+    assert not first.pid_file.exists() and not temp.exists()
+    # In flight at the stop: answered, or failed at the connection; never a wrong answer, nothing hung.
+    assert all(reason.startswith(STOP_FAILURES) for reason in result.failures), result.failures
+    assert not [t for t in result.failed_at if t < stopped_at]
+    assert max(result.latency_ms) < 1000 * STOP_BOUND_S
+    failed = set(result.failed_at)
+    answered_after = [t for t in result.started if t > stopped_at and t not in failed]
+
+    began = time.monotonic()
+    second = start_server(["digits"], store=store, snapshots=True, run_dir=run_dir)
+    api = deploy.Management(second)
+    for version in ("1.0", "2.0"):
+        api.wait_ready("digits", version)
+    restarted = time.monotonic() - began
+    assert api.default("digits") == "2.0" and set(api.versions("digits")) == {"1.0", "2.0"}
+    url = f"{second.url('inference')}/predictions/digits"
+    for path, version in (("", "2.0"), ("/1.0", "1.0")):
+        answer = requests.post(url + path, data=cases[0].body, headers={"Content-Type": cases[0].content_type},
+                               timeout=30)
+        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == version
+    record("stop_under_load", {"users": 16, "stop_s": round(took, 2), "bound_s": STOP_BOUND_S,
+                               "requests": len(result.started), "answered_after_stop_began": len(answered_after),
+                               "failures": result.failures, "processes_stopped": len(tree),
+                               "restart_ready_s": round(restarted, 2)})
