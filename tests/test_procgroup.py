@@ -32,3 +32,10 @@ def test_a_live_group_lists_its_members_and_no_frontend() -> None:
     finally:
         child.kill()
         child.wait(timeout=30)
+
+
+def test_free_ports_are_distinct() -> None:
+    from tsforge.server import free_port_overrides, free_ports
+
+    assert len(set(free_ports(50))) == 50
+    assert len(set(free_port_overrides().values())) == len(free_port_overrides())

@@ -109,15 +109,23 @@ def write_properties(path: Path, props: Mapping[str, str]) -> None:
     path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: every socket stays bound until all are chosen, since a port
+    released at once can be handed out again by the next bind (two TorchServe APIs then collide)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 def free_port_overrides() -> dict[str, str]:
-    return {key: template.format(free_port()) for key, template in PORT_KEYS.items()}
+    ports = free_ports(len(PORT_KEYS))
+    return {key: template.format(port) for (key, template), port in zip(PORT_KEYS.items(), ports, strict=True)}
 
 
 class LogTail:
