@@ -172,6 +172,10 @@ GPU_BENCH_ARGS ?=# e.g. --clients 8 --stock-duration 10
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),resnet50)
 
+.PHONY: bench-front
+bench-front: $(STORE)/resnet18.mar $(STORE)/digits.mar ## The v2 front's cost: v2 requests direct vs through it, c=16 -> reports/front-cost/
+	$(PY) -m loadtest.front_cost --models resnet18,digits --users 16 --out $(REPORTS)/front-cost
+
 .PHONY: bench-gpu
 bench-gpu: ## GPU: tsforge vs stock handler vs in-process ceiling, GPU use sampled (GPU_LEVELS, GPU_DURATION) -> reports/gpu-bench/
 	$(GPU_PY) -m loadtest.gpu_bench --model $(GPU_MODEL) --levels $(GPU_LEVELS) --duration $(GPU_DURATION) \

@@ -152,10 +152,18 @@ def test_workers_see_no_secret_from_the_environment(server: TorchServe) -> None:
     assert any(set(SECRETS) <= set(p.environ()) for p in frontend)  # the frontend had them to pass on
 
 
+def listening_addresses(pid: int) -> list[Any]:
+    """The addresses the process `pid` and its descendants listen on (psutil < 6 calls it `connections`)."""
+    tree = psutil.Process(pid)
+    found = []
+    for process in [tree, *tree.children(recursive=True)]:
+        connections = getattr(process, "net_connections", None) or process.connections
+        found += [c.laddr for c in connections("inet") if c.status == psutil.CONN_LISTEN]
+    return found
+
+
 def test_every_listening_socket_is_loopback(server: TorchServe) -> None:
-    tree = psutil.Process(int(server.pid_file.read_text()))
-    listening = [c.laddr for p in [tree, *tree.children(recursive=True)] for c in p.net_connections("inet")
-                 if c.status == psutil.CONN_LISTEN]
+    listening = listening_addresses(int(server.pid_file.read_text()))
     assert len(listening) >= 5  # inference, management, metrics, gRPC inference and management
     assert {address.ip for address in listening} <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
     assert all(value.startswith(("http://127.0.0.1", "127.0.0.1")) or not value

@@ -2,7 +2,7 @@
 
 Nothing is hand-copied: `generate()` extracts `inference.proto`, `management.proto` and
 `open_inference_grpc.proto` from `ts/frontend/model-server.jar` and runs grpcio-tools on them. The
-stubs land in `build/grpc` (git-ignored) and are rebuilt when the jar changes.
+stubs land in `build/grpc` (git-ignored) and are rebuilt when the jar or the protobuf runtime changes.
 
     from tsforge.grpc_stubs import stubs
     s = stubs()
@@ -40,11 +40,13 @@ def frontend_jar() -> Path:
 
 def generate(out: Path = OUT) -> Path:
     """Extract the protos and compile them into `out`; a no-op when they are current."""
+    import google.protobuf
     from grpc_tools import protoc
 
     jar = frontend_jar()
     stamp = out / "jar.sha256"
-    digest = sha256(jar)
+    # generated code is tied to the protobuf runtime's major version too (protobuf refuses newer gencode)
+    digest = f"{sha256(jar)} protobuf-{google.protobuf.__version__}"
     if stamp.is_file() and stamp.read_text().strip() == digest:
         return out
     proto_dir = out / "proto"

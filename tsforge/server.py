@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import requests
 
-from tsforge import procgroup
+from tsforge import frontproc, procgroup
 from tsforge.project import ROOT
 
 PORT_KEYS = {
@@ -49,6 +49,8 @@ PORT_KEYS = {
     "metrics_address": "http://127.0.0.1:{}",
     "grpc_inference_port": "{}",
     "grpc_management_port": "{}",
+    "front_http_port": "{}",
+    "front_grpc_port": "{}",
 }
 
 PATH_KEYS = ("metrics_config", "model_store", "certificate_file", "private_key_file")
@@ -288,7 +290,7 @@ class TorchServe:
         if not self.alive():
             self._remove_temp_dir()  # left by an instance that did not stop cleanly
         (self.run_dir / KEY_FILE).unlink(missing_ok=True)  # a stale key must not be read while the new one is made
-        props = dict(self.props)
+        props = {k: v for k, v in self.props.items() if k not in frontproc.FRONT_KEYS}  # tsforge's, not TorchServe's
         snapshot = self.latest_snapshot() if self.snapshots else None
         state = read_java_properties(snapshot).get(SNAPSHOT_KEY) if snapshot else None
         if state:
@@ -409,6 +411,7 @@ class TorchServe:
         hold, and the frontend would start replacements while it shuts down. Once the frontend has gone, or after
         `grace` seconds, SIGKILL goes to whatever is left of the group: workers it orphaned, or all of it.
         """
+        frontproc.stop(self.run_dir)  # the v2 front first: it would only answer 5xx without TorchServe
         # The process this object started, else the one in the pid file (`make stop` from another process).
         # The group is checked, not the launcher alone: TorchServe's frontend and workers may outlive it.
         pid = self._process.pid if self._process is not None else self._pid()
@@ -501,6 +504,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"TorchServe ready: inference {server.url('inference')}, management {server.url('management')}, "
           f"metrics {server.url('metrics')}; models: {', '.join(args.models)}")
+    if frontproc.enabled(server.props):
+        try:
+            front = frontproc.start(server.run_dir, server.props, server.url("inference"), args.models,
+                                    server.run_dir / KEY_FILE, timeout=args.timeout)
+        except frontproc.FrontError as exc:
+            server.stop()
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"Open Inference Protocol (v2): REST {front}, gRPC 127.0.0.1:{server.props['front_grpc_port']}")
     print(f"logs: {server.run_dir / 'logs'}   stop: make stop")
     return 0
 

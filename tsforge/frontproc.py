@@ -1,0 +1,101 @@
+"""The v2 front's process (`tsforge/front.py`) beside a TorchServe instance: started once TorchServe serves,
+stopped with it.
+
+A profile turns the front on by naming its two ports (loopback, like every TorchServe port):
+
+    front_http_port=8085    Open Inference Protocol over REST (/v2/health/ready, /v2/models/M, .../infer)
+    front_grpc_port=8086    inference.GRPCInferenceService
+
+These keys are tsforge's, not TorchServe's: they are left out of the properties TorchServe is given. The front
+runs in its own session (it cannot join TorchServe's process group, which has a session of its own), and its
+pid file in the run dir lets `make stop` find it from any process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import requests
+
+from tsforge import procgroup
+
+FRONT_KEYS = ("front_http_port", "front_grpc_port")
+PID_FILE = "front.pid"
+LOG_FILE = "front.log"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FrontError(RuntimeError):
+    """The front exited or did not answer in time; the message carries the end of its log."""
+
+
+def enabled(props: Mapping[str, str]) -> bool:
+    return all(props.get(key) for key in FRONT_KEYS)
+
+
+def url(props: Mapping[str, str]) -> str:
+    return f"http://127.0.0.1:{props['front_http_port']}"
+
+
+def start(run_dir: Path, props: Mapping[str, str], inference_url: str, models: Sequence[str],
+          key_file: Path | None, timeout: float = 60.0) -> str:
+    """Start the front for `models` (archive names in the store) and wait until it answers; its REST URL."""
+    log = run_dir / "logs" / LOG_FILE
+    command = [sys.executable, "-m", "tsforge.front", "--inference-url", inference_url,
+               "--model-store", props["model_store"], "--models", ",".join(models),
+               "--http-port", props["front_http_port"], "--grpc-port", props["front_grpc_port"]]
+    if key_file is not None and key_file.is_file():
+        command += ["--key-file", str(key_file)]
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    (run_dir / PID_FILE).write_text(f"{process.pid}\n")
+    base = url(props)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FrontError(f"the v2 front exited ({process.returncode}): {_tail(log)}")
+        try:
+            if requests.get(f"{base}/v2/health/live", timeout=2).status_code == 200:
+                return base
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    stop(run_dir)
+    raise FrontError(f"the v2 front did not answer within {timeout:.0f} s: {_tail(log)}")
+
+
+def stop(run_dir: Path, wait: float = 5.0) -> bool:
+    """Stop the front recorded in `run_dir` (SIGTERM, then SIGKILL); False if none ran."""
+    pid_file = run_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return False
+    pid_file.unlink(missing_ok=True)
+    for sig, seconds in ((signal.SIGTERM, wait), (signal.SIGKILL, wait)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return True
+            except ChildProcessError:  # not our child: a zombie left for its parent counts as gone
+                if not procgroup.alive(pid):
+                    return True
+            time.sleep(0.05)
+    return True
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    text = log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
+    return "\n".join(text)
