@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,13 @@ def agrees(model: str, got: dict[str, np.ndarray[Any, Any]], expected: dict[str,
 
 
 @pytest.fixture(scope="module")
-def served(start_server: StartServer) -> tuple[TorchServe, str, str]:
+def served(start_server: StartServer) -> Iterator[tuple[TorchServe, str, str]]:
     for model in MODELS:
         built_archive(model)
     server = start_server(MODELS)
     rest = frontproc.start(server.run_dir, server.props, server.url("inference"), MODELS, None, timeout=120)
-    return server, rest.removeprefix("http://"), f"127.0.0.1:{server.props['front_grpc_port']}"
+    yield server, rest.removeprefix("http://"), f"127.0.0.1:{server.props['front_grpc_port']}"
+    server.stop()  # five models: not kept for the rest of the session (the suite shares 24 GiB)
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
@@ -177,3 +179,4 @@ def test_prod_front_refuses_calls_without_the_token(start_server: StartServer, t
     tensor.set_data_from_numpy(array)
     assert client.infer("digits_tensor", [tensor], headers={"authorization": f"Bearer {key}"}).as_numpy("logits") \
         .shape == (3, 10)
+    assert server.stop() and not (server.run_dir / frontproc.PID_FILE).exists()  # make stop takes the front too
