@@ -151,7 +151,7 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
             payload: Any = None
             try:
                 payload = self._payload(row)
-                decoded, reply = self._decode_request(payload)
+                decoded, reply = self._decode_request(payload, self._bridged(idx, payload))
             except RequestError as exc:
                 responses[idx] = self._reject(idx, exc, payload)
                 continue
@@ -186,9 +186,17 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         payload = extract(row)
         return parse_json_bytes(payload) if isinstance(payload, (bytes, bytearray)) else payload
 
-    def _decode_request(self, payload: Any) -> tuple[list[Any], Reply]:
+    def _bridged(self, idx: int, payload: Any) -> bool:
+        """Whether the row came from TorchServe's own v2 gRPC bridge: a "model_name" key and no HTTP headers."""
+        if not isinstance(payload, dict) or "model_name" not in payload:
+            return False
+        processors = getattr(self.context, "request_processor", None) or []
+        properties = processors[idx].get_request_properties() if idx < len(processors) else {}
+        return not set(properties) - {"body"}
+
+    def _decode_request(self, payload: Any, bridged: bool = False) -> tuple[list[Any], Reply]:
         if oip.is_infer_request(payload):
-            request = oip.parse_request(payload)
+            request = oip.parse_request(payload, bridged)
             return self.decode_v2(request), request
         if isinstance(payload, dict) and "instances" in payload:
             instances = payload["instances"]

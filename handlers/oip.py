@@ -8,13 +8,16 @@ the handler, not the frontend, must recognise a v2 request and answer in v2 form
     response  {"model_name", "model_version", "id", "outputs": [{"name", "shape", "datatype", "data"}]}
 
 `data` may be flat (row-major, as the protocol says) or nested; its element count must match `shape`.
-BYTES elements are strings: base64 for binary payloads such as images, plain text for text models.
+BYTES elements are strings: base64 for binary payloads such as images, plain text for text models. An input
+with `"parameters": {"content_type": "base64"}` (MLServer's name for it) holds base64 of raw bytes, which are
+decoded here; the v2 front (tsforge/front.py) sends raw gRPC bytes that way.
 By default the first axis of an input is the batch: each slice along it is one item for the handler's
 `decode`, and each output carries the same leading batch dimension.
 
 With `ts_open_inference_protocol=true`, TorchServe's gRPC `ModelInfer` turns each request into the same
-JSON body plus a "model_name" key (the REST body has none: the name is in the URL), and sends each BYTES
-element base64-encoded, so such elements are decoded back to their raw bytes here. Its answer is parsed
+JSON body plus a "model_name" key, with no HTTP headers, and sends each BYTES element base64-encoded, so such
+elements are decoded back to their raw bytes here (`bridged`). A REST body may carry "model_name" too (KServe's
+client sends it), so the key alone does not say the body came over gRPC. Its answer is parsed
 from the handler's body whatever the status, so errors to v2 requests are v2 answers too (`error_answer`).
 """
 
@@ -83,14 +86,14 @@ def is_infer_request(payload: Any) -> bool:
     return isinstance(inputs, list) and all(isinstance(i, Mapping) for i in inputs)
 
 
-def parse_request(payload: Mapping[str, Any]) -> InferRequest:
+def parse_request(payload: Mapping[str, Any], bridged: bool = False) -> InferRequest:
+    """`bridged`: the body came from TorchServe's gRPC bridge, whose BYTES elements are all base64."""
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f'"id" must be a string; got {type(request_id).__name__}')
     if not payload["inputs"]:
         raise InvalidInput(f'"inputs" is empty; {SHAPE_HELP}')
-    from_grpc = "model_name" in payload  # TorchServe's gRPC bridge adds it; REST v2 bodies do not carry it
-    inputs = [_parse_input(n, spec, from_grpc) for n, spec in enumerate(payload["inputs"])]
+    inputs = [_parse_input(n, spec, bridged) for n, spec in enumerate(payload["inputs"])]
     names = [t.name for t in inputs]
     if len(set(names)) != len(names):
         raise InvalidInput(f"input names must be unique; got {names}")
@@ -104,7 +107,7 @@ def parse_request(payload: Mapping[str, Any]) -> InferRequest:
     return InferRequest(id=request_id or None, inputs=inputs, requested_outputs=requested)
 
 
-def _parse_input(position: int, spec: Mapping[str, Any], from_grpc: bool = False) -> InputTensor:
+def _parse_input(position: int, spec: Mapping[str, Any], bridged: bool = False) -> InputTensor:
     name = spec.get("name")
     where = f"input {name!r}" if isinstance(name, str) else f"input {position}"
     missing = [k for k in ("name", "shape", "datatype", "data") if k not in spec]
@@ -127,7 +130,9 @@ def _parse_input(position: int, spec: Mapping[str, Any], from_grpc: bool = False
     count = math.prod(shape)
     if datatype == BYTES:
         elements = _bytes_elements(where, data, count)
-        raw = [decode_base64(e) if e else b"" for e in elements] if from_grpc else elements
+        parameters = spec.get("parameters")
+        base64 = bridged or (isinstance(parameters, Mapping) and parameters.get("content_type") == "base64")
+        raw = [decode_base64(e) if e else b"" for e in elements] if base64 else elements
         return InputTensor(name, tuple(shape), datatype, raw)
     return InputTensor(name, tuple(shape), datatype, _numeric(where, data, shape, DATATYPES[datatype]))
 

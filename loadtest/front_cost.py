@@ -4,8 +4,10 @@
 
 One TorchServe (dev profile, free ports) with the models and the front beside it (tsforge/frontproc.py). Each
 request is a v2 infer of one real input (scikit-learn's photos, digit images) as a base64 BYTES element, so both
-paths parse the same JSON; every answer must be a 200. Direct and front runs
-alternate `--rounds` times per model in one session, so drift hits both. Writes OUT/front-cost.{json,md}.
+paths parse the same JSON; every answer must be a 200. A third path sends the same element through the front in
+the binary tensor extension, as tritonclient's HTTP client does by default (its own request encoder), with a JSON
+answer asked for: that form goes through KServe's decoding, which TorchServe cannot read. The paths alternate
+`--rounds` times per model in one session, so drift hits all. Writes OUT/front-cost.{json,md}.
 """
 
 from __future__ import annotations
@@ -34,6 +36,27 @@ def v2_cases(model: str, count: int) -> list[Case]:
     return cases
 
 
+def binary_cases(model: str, cases: list[Case]) -> list[Case]:
+    """The same requests in the v2 binary tensor extension, encoded by tritonclient (JSON answer asked for)."""
+    import numpy as np
+    import yaml
+    from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
+
+    declared = yaml.safe_load((ROOT / "config" / "models" / f"{model}.yaml").read_text())["v2"]["outputs"]
+    outputs = [InferRequestedOutput(output["name"], binary_data=False) for output in declared]
+
+    encoded = []
+    for case in cases:
+        tensor = json.loads(case.body)["inputs"][0]
+        element = InferInput(tensor["name"], tensor["shape"], "BYTES")
+        # the base64 text as the element: KServe's REST decoder reads BYTES as UTF-8 (raw JPEG bytes are refused)
+        element.set_data_from_numpy(np.array([tensor["data"][0].encode()], dtype=np.object_))
+        body, header_length = InferenceServerClient.generate_request_body([element], outputs=outputs)
+        encoded.append(Case(case.name, body, "application/octet-stream",
+                            headers={"Inference-Header-Content-Length": str(header_length)}))
+    return encoded
+
+
 def measure(url: str, cases: list[Case], users: int, duration: float) -> dict[str, Any]:
     from loadtest.loadgen import load
 
@@ -48,13 +71,14 @@ def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines = [f"Concurrency {report['users']}, {report['duration_s']:g} s per run, {report['rounds']} rounds "
              f"alternating; {machine['cores']} cores ({machine['cpu']}).", "",
-             "| model | path | req/s | P50 ms | P99 ms | failed | front / direct |",
+             "| model | path | req/s | P50 ms | P99 ms | failed | / direct |",
              "|---|---|---:|---:|---:|---:|---:|"]
+    names = {"direct": "direct (JSON)", "front": "front (JSON)", "front_binary": "front (binary extension)"}
     for model, entry in report["models"].items():
-        for path in ("direct", "front"):
+        for path, name in names.items():
             row = entry[path]
-            ratio = f"{entry['ratio']:.2f}" if path == "front" else ""
-            lines.append(f"| {model} | {path} | {row['req_per_s']:,.1f} | {row['p50_ms']} | {row['p99_ms']} | "
+            ratio = f"{row['ratio']:.2f}" if "ratio" in row else ""
+            lines.append(f"| {model} | {name} | {row['req_per_s']:,.1f} | {row['p50_ms']} | {row['p99_ms']} | "
                          f"{row['failed']} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -78,18 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         front = frontproc.start(server.run_dir, server.props, server.url("inference"), models, None, timeout=120)
         for model in models:
             cases = v2_cases(model, 16)
-            urls = {"direct": f"{server.url('inference')}/v2/models/{model}/infer",
-                    "front": f"{front}/v2/models/{model}/infer"}
-            runs: dict[str, list[dict[str, Any]]] = {"direct": [], "front": []}
+            paths = {"direct": (f"{server.url('inference')}/v2/models/{model}/infer", cases),
+                     "front": (f"{front}/v2/models/{model}/infer", cases),
+                     "front_binary": (f"{front}/v2/models/{model}/infer", binary_cases(model, cases))}
+            runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
             for _ in range(args.rounds):
-                for path, url in urls.items():
-                    runs[path].append(measure(url, cases, args.users, args.duration))
+                for path, (url, path_cases) in paths.items():
+                    runs[path].append(measure(url, path_cases, args.users, args.duration))
                     print(f"  {model:9s} {path:6s} {runs[path][-1]}", flush=True)
             merged = {path: {"req_per_s": round(sum(r["req_per_s"] for r in rs) / len(rs), 1),
                              "p50_ms": max(r["p50_ms"] or 0 for r in rs), "p99_ms": max(r["p99_ms"] or 0 for r in rs),
                              "failed": sum(r["failed"] for r in rs), "runs": rs} for path, rs in runs.items()}
             assert all(r["failed"] == 0 for rs in runs.values() for r in rs), f"{model}: some answers were not 200"
-            merged["ratio"] = round(merged["front"]["req_per_s"] / max(merged["direct"]["req_per_s"], 1e-9), 3)
+            for path in ("front", "front_binary"):
+                merged[path]["ratio"] = round(merged[path]["req_per_s"] / max(merged["direct"]["req_per_s"], 1e-9), 3)
+            merged["ratio"] = merged["front"]["ratio"]
             results[model] = merged
     report = {"models": results, "users": args.users, "duration_s": args.duration, "rounds": args.rounds,
               "machine": report_module.machine(), "created": report_module.now(),

@@ -117,12 +117,14 @@ class Http1Client:
         self.head = f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
         self.connection: _Connection | None = None
 
-    async def send(self, body: bytes, content_type: str) -> tuple[int, bytes]:
+    async def send(self, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         if self.connection is None or self.connection.closed or self.connection.busy:
             self.close()
             loop = asyncio.get_running_loop()
             _, self.connection = await loop.create_connection(_Connection, self.host, self.port)
-        request = f"{self.head}Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        request = (f"{self.head}Content-Type: {content_type}\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode()
+                   + body)
         return await self.connection.exchange(request)
 
     def close(self) -> None:

@@ -54,7 +54,7 @@ class RestClient:
         self.http = Http1Client(url)
 
     async def send(self, case: Case) -> tuple[int, bytes]:
-        return await self.http.send(case.body, case.content_type)
+        return await self.http.send(case.body, case.content_type, case.headers)
 
     async def close(self) -> None:
         self.http.close()

@@ -35,6 +35,8 @@ class Case:
     body: bytes
     content_type: str
     expect: dict[str, Any] = field(default_factory=dict)
+    #: further request headers (REST), e.g. the v2 binary extension's Inference-Header-Content-Length
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def raw(self) -> bool:

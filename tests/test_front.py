@@ -25,6 +25,7 @@ from tests.conftest import ROOT, StartServer, built_archive
 from tests.test_security import listening_addresses
 from tests.v2_inputs import as_json_strings, inputs_for
 from tsforge import frontproc
+from tsforge.front_rest import error_message
 from tsforge.server import KEY_FILE, TorchServe
 
 MODELS = ["digits", "digits_image", "digits_tensor", "resnet18", "minilm"]
@@ -137,10 +138,21 @@ def test_the_kserve_package_clients_speak_to_every_model(served: tuple[TorchServ
 
 
 def test_bad_input_through_the_front_is_a_client_error_naming_the_cause(served: tuple[TorchServe, str, str]) -> None:
-    _, rest, grpc_address = served
+    server, rest, grpc_address = served
     body = {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 63}]}
     answer = requests.post(f"http://{rest}/v2/models/digits_tensor/infer", json=body, timeout=60)
-    assert answer.status_code == 400 and "63" in answer.json()["error"]
+    direct = requests.post(f"{server.url('inference')}/v2/models/digits_tensor/infer", json=body, timeout=60)
+    # TorchServe's own 4xx (422: the values do not fill the shape), in KServe's {"error": message} form
+    assert answer.status_code == direct.status_code == 422 and "63" in answer.json()["error"]
+    binary = requests.post(f"http://{rest}/v2/models/digits_tensor/infer", data=b"\0" * 8,
+                           headers={"Inference-Header-Content-Length": "4"}, timeout=60)
+    assert binary.status_code == 400 and "error" in binary.json()  # KServe's decoder's answer to a broken header
+    jpeg = triton_http.InferInput("image", [1], "BYTES")  # raw bytes over REST: KServe reads BYTES as UTF-8
+    jpeg.set_data_from_numpy(np.array([b"\xff\xd8\xff\xe0 not UTF-8"], dtype=np.object_))
+    refused = triton_http.InferenceServerClient(rest)
+    with pytest.raises(InferenceServerException, match="UTF-8") as caught:
+        refused.infer("digits", [jpeg])
+    assert caught.value.status() == "400"
     client = triton_grpc.InferenceServerClient(grpc_address)
     tensor = triton_grpc.InferInput("image", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
@@ -180,3 +192,22 @@ def test_prod_front_refuses_calls_without_the_token(start_server: StartServer, t
     assert client.infer("digits_tensor", [tensor], headers={"authorization": f"Bearer {key}"}).as_numpy("logits") \
         .shape == (3, 10)
     assert server.stop() and not (server.run_dir / frontproc.PID_FILE).exists()  # make stop takes the front too
+
+
+def test_torchserve_error_bodies_become_kserve_error_messages() -> None:
+    assert error_message(b'{"outputs": [{"name": "error", "datatype": "BYTES", "data": ["too big"]}]}') == "too big"
+    assert error_message(b'{"error": "bad shape"}') == "bad shape"
+    assert error_message(b'{"code": 503, "type": "ServiceUnavailableException", "message": "busy"}') == "busy"
+    assert error_message(b"Worker died.") == "Worker died."
+    assert error_message(b"{}") is None
+
+
+def test_the_front_cost_bench_reports_every_path(tmp_path: Path) -> None:
+    from loadtest import front_cost
+
+    assert front_cost.main(["--models", "digits", "--duration", "1", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "front-cost.json").read_text())["models"]["digits"]
+    for path in ("direct", "front", "front_binary"):
+        assert report[path]["req_per_s"] > 0 and report[path]["failed"] == 0, (path, report[path])
+    assert report["front"]["ratio"] > 0 and report["front_binary"]["ratio"] > 0
+    assert "front (binary extension)" in (tmp_path / "front-cost.md").read_text()

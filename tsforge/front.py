@@ -8,7 +8,8 @@ metadata, model ready), and its gRPC service lives in its own proto package, so 
 KServe's) cannot use it. This front is the `kserve` package's ModelServer, as KServe's TorchServe runtime runs
 it: REST `/v2/...` and gRPC `inference.GRPCInferenceService`, one `kserve.Model` per archive that forwards
 inference to TorchServe's REST v2 endpoint and describes its tensors from the `v2:` section of the archive's
-model-config.yaml. Both ports listen on 127.0.0.1 only (KServe binds every interface); with `--key-file`
+model-config.yaml. A REST infer in JSON skips KServe's decoding and goes to TorchServe as it came
+(tsforge/front_rest.py). Both ports listen on 127.0.0.1 only (KServe binds every interface); with `--key-file`
 (TorchServe's token file) every call but liveness must carry TorchServe's inference key as a Bearer token,
 on REST and gRPC, and the token goes on to TorchServe.
 """
@@ -18,14 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
+import logging
 import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
+import orjson
 import yaml
 from kserve import Model, ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
@@ -37,29 +38,10 @@ from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+
+from tsforge.front_rest import BearerToken, InferenceKey, InferPassthrough, Upstream, error_message
 
 HOST = "127.0.0.1"
-#: what a client may call without the token: liveness, as TorchServe's /ping
-OPEN_PATHS = ("/", "/v2/health/live")
-
-
-class InferenceKey:
-    """TorchServe's inference key, re-read when its key file changes (keys expire and are renewed there)."""
-
-    def __init__(self, key_file: Path) -> None:
-        self.path = key_file
-        self._stamp: float | None = None
-        self._bearer = ""
-
-    def bearer(self) -> str:
-        stamp = self.path.stat().st_mtime
-        if stamp != self._stamp:
-            self._bearer = f"Bearer {json.loads(self.path.read_text())['inference']['key']}"
-            self._stamp = stamp
-        return self._bearer
 
 
 def signature(mar: Path) -> dict[str, list[dict[str, Any]]]:
@@ -76,9 +58,9 @@ def signature(mar: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def torchserve_body(request: InferRequest) -> dict[str, Any]:
-    """The v2 JSON body TorchServe's handlers read. BYTES elements that arrived as raw bytes (gRPC) travel
-    base64-encoded with a "model_name" key, the form TorchServe's own gRPC front uses (handlers/oip.py)."""
-    inputs, raw_bytes = [], False
+    """The v2 JSON body TorchServe's handlers read. A BYTES input that arrived as raw bytes (gRPC) travels
+    base64-encoded with `"parameters": {"content_type": "base64"}`, which the handlers decode (handlers/oip.py)."""
+    inputs = []
     for tensor in request.inputs:
         try:
             array = tensor.as_numpy()
@@ -87,30 +69,31 @@ def torchserve_body(request: InferRequest) -> dict[str, Any]:
             raise InvalidInput(f"{described}: {exc}") from None
         if tensor.datatype == "BYTES":
             items = list(array.ravel())
-            raw_bytes = raw_bytes or any(isinstance(x, bytes) for x in items)
-            data: list[Any] = [base64.b64encode(x).decode() if isinstance(x, bytes) else str(x) for x in items]
+            raw_bytes = any(isinstance(x, bytes) for x in items)
+            data: list[Any] = [base64.b64encode(x if isinstance(x, bytes) else str(x).encode()).decode()
+                               for x in items] if raw_bytes else [str(x) for x in items]
         else:
-            data = array.ravel().tolist()
-        inputs.append({"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype, "data": data})
+            raw_bytes, data = False, array.ravel().tolist()
+        entry = {"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype, "data": data}
+        if raw_bytes:
+            entry["parameters"] = {"content_type": "base64"}
+        inputs.append(entry)
     body: dict[str, Any] = {"inputs": inputs}
     if request.id:
         body["id"] = request.id
     if request.request_outputs:
         body["outputs"] = [{"name": output.name} for output in request.request_outputs]
-    if raw_bytes:
-        body["model_name"] = request.model_name
     return body
 
 
 class TorchServeModel(Model):  # type: ignore[misc]
     """One archive served by TorchServe, as KServe's model server sees it."""
 
-    def __init__(self, name: str, inference_url: str, tensors: dict[str, list[dict[str, Any]]],
-                 client: httpx.AsyncClient) -> None:
+    def __init__(self, name: str, upstream: Upstream, tensors: dict[str, list[dict[str, Any]]]) -> None:
         super().__init__(name)
-        self.url = f"{inference_url}/v2/models/{name}/infer"
+        self.upstream = upstream
+        self.url = upstream.infer_url(name)
         self.tensors = tensors
-        self.client = client
         self.ready = True  # the front starts once TorchServe reports the model's workers ready
 
     def get_input_types(self) -> list[dict[str, Any]]:
@@ -121,52 +104,18 @@ class TorchServeModel(Model):  # type: ignore[misc]
 
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> InferResponse:
-        forwarded = {"Content-Type": "application/json"}
-        token = (headers or {}).get("authorization")
-        if token:
-            forwarded["Authorization"] = token
-        answer = await self.client.post(self.url, content=json.dumps(torchserve_body(payload)), headers=forwarded)
-        try:
-            body = answer.json()
-        except ValueError:
-            body = {"error": answer.text}
-        if answer.status_code != 200:
-            message = _error_message(body) or f"TorchServe answered {answer.status_code}"
-            if 400 <= answer.status_code < 500:
+        status, answer = await self.upstream.post(self.url, orjson.dumps(torchserve_body(payload)),
+                                                  (headers or {}).get("authorization"))
+        if status != 200:
+            message = error_message(answer) or f"TorchServe answered {status}"
+            if 400 <= status < 500:
                 raise InvalidInput(message)
-            raise InferenceError(message, status=answer.status_code)
-        answer_ = InferResponse.from_rest(body)
+            raise InferenceError(message, status=status)
+        answer_ = InferResponse.from_rest(orjson.loads(answer))
         # a gRPC client that sent raw contents reads raw contents back (tritonclient reads nothing else)
         return InferResponse(response_id=answer_.id, model_name=answer_.model_name, model_version=answer_.model_version,
                              infer_outputs=answer_.outputs, from_grpc=payload.from_grpc,
                              use_binary_outputs=payload.use_binary_outputs)
-
-
-def _error_message(body: Any) -> str | None:
-    """The handler's message from a v2 error answer ({"outputs": [{"name": "error", ...}]} or {"error": ...})."""
-    if isinstance(body, dict):
-        if isinstance(body.get("error"), str):
-            return str(body["error"])
-        for output in body.get("outputs") or []:
-            if output.get("name") == "error" and output.get("data"):
-                return str(output["data"][0])
-        if "message" in body:
-            return str(body["message"])
-    return None
-
-
-class BearerToken(BaseHTTPMiddleware):
-    """REST: 401 without `Authorization: Bearer KEY` (liveness excepted)."""
-
-    def __init__(self, application: Any, key: InferenceKey) -> None:
-        super().__init__(application)
-        self.key = key
-
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.url.path not in OPEN_PATHS and request.headers.get("authorization") != self.key.bearer():
-            return JSONResponse({"error": "missing or wrong token: send Authorization: Bearer <inference key>"},
-                                status_code=401)
-        return await call_next(request)
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -204,20 +153,52 @@ class LoopbackGRPCServer(GRPCServer):  # type: ignore[misc]
         await self._server.wait_for_termination()
 
 
-class LoopbackModelServer(ModelServer):  # type: ignore[misc]
-    """KServe's ModelServer (one process) with both ports on 127.0.0.1 and the token rules of the profile."""
+class QuietRESTServer(RESTServer):  # type: ignore[misc]
+    """KServe's REST server without its timing middleware, which only logs each request's timings (CPU time
+    and a route lookup per request); TorchServe's own metrics and access log time every request already."""
 
-    def __init__(self, *, key: InferenceKey | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def _add_middlewares(self, app: Any) -> None:
+        pass
+
+
+def _client_errors(decode: Callable[..., Any]) -> Callable[..., Any]:
+    """KServe answers a REST body it cannot decode (e.g. BYTES that are not UTF-8) with a 500; it is the
+    client's error, so a 400 naming the cause."""
+
+    def decode_or_invalid(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return decode(*args, **kwargs)
+        except InferenceError as exc:
+            raise InvalidInput(str(exc)[:500]) from None
+
+    return decode_or_invalid
+
+
+class LoopbackModelServer(ModelServer):  # type: ignore[misc]
+    """KServe's ModelServer (one process) with both ports on 127.0.0.1 and the token rules of the profile.
+
+    REST goes through front_rest's two wrappers before KServe's app: the token check, then JSON infer straight to
+    TorchServe. Nothing is logged per request (TorchServe's access log has every request already).
+    """
+
+    def __init__(self, *, key: InferenceKey | None, upstream: Upstream, **kwargs: Any) -> None:
+        super().__init__(enable_latency_logging=False, **kwargs)
         self.key = key
+        self.upstream = upstream
+        self.dataplane.decode = _client_errors(self.dataplane.decode)
 
     def start(self, models: list[Model]) -> None:
         self._register_and_check_atleast_one_model_is_ready(models)
+        rest_app: Any = InferPassthrough(app, {model.name for model in models}, self.upstream)
         if self.key:
-            app.add_middleware(BearerToken, key=self.key)
-        self._rest_server = RESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
-                                       self.http_port, grace_period=self.grace_period)
+            rest_app = BearerToken(rest_app, self.key)
+        self._rest_server = QuietRESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane,
+                                            self.model_repository_extension, self.http_port,
+                                            grace_period=self.grace_period)
+        self._rest_server.config.app = rest_app  # KServe still builds its app (the global `app`) on start
         self._rest_server.config.host = HOST
+        access = logging.getLogger("uvicorn.access")  # uvicorn logs a request only when this logger has a handler
+        access.handlers, access.propagate = [], False
         self.servers.append(self._rest_server.start())
         self._grpc_server = LoopbackGRPCServer(self.grpc_port, self.dataplane, self.model_repository_extension,
                                                kwargs={}, grace_period=self.grace_period, key=self.key)
@@ -238,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json: require its inference key")
     args = parser.parse_args(argv)
     key = InferenceKey(args.key_file) if args.key_file else None
-    client = httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=httpx.Limits(max_connections=256))
-    models = [TorchServeModel(name, args.inference_url, signature(args.model_store / f"{name}.mar"), client)
+    upstream = Upstream(args.inference_url)
+    models = [TorchServeModel(name, upstream, signature(args.model_store / f"{name}.mar"))
               for name in args.models.split(",") if name]
-    LoopbackModelServer(key=key, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=True,
-                        workers=1).start(models)
+    LoopbackModelServer(key=key, upstream=upstream, http_port=args.http_port, grpc_port=args.grpc_port,
+                        enable_grpc=True, workers=1).start(models)
     return 0
 
 
