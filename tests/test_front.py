@@ -25,7 +25,7 @@ from tests.conftest import ROOT, StartServer, built_archive
 from tests.test_security import listening_addresses
 from tests.v2_inputs import as_json_strings, inputs_for
 from tsforge import frontproc
-from tsforge.front_rest import error_message
+from tsforge.front_rest import MAX_REQUEST_SIZE, error_message
 from tsforge.server import KEY_FILE, TorchServe
 
 MODELS = ["digits", "digits_image", "digits_tensor", "resnet18", "minilm"]
@@ -192,6 +192,18 @@ def test_prod_front_refuses_calls_without_the_token(start_server: StartServer, t
     assert client.infer("digits_tensor", [tensor], headers={"authorization": f"Bearer {key}"}).as_numpy("logits") \
         .shape == (3, 10)
     assert server.stop() and not (server.run_dir / frontproc.PID_FILE).exists()  # make stop takes the front too
+
+
+def test_a_body_over_max_request_size_is_413_on_every_rest_path(served: tuple[TorchServe, str, str]) -> None:
+    _, rest, _ = served
+    url = f"http://{rest}/v2/models/digits/infer"
+    huge = b"x" * (MAX_REQUEST_SIZE + 1)
+    for headers in ({"Content-Type": "application/json"}, {"Inference-Header-Content-Length": "2"}):
+        answer = requests.post(url, data=huge, headers=headers, timeout=60)
+        assert answer.status_code == 413 and "max_request_size" in answer.json()["error"], answer.text
+    streamed = requests.post(url, data=iter([huge[:1 << 20]] * 7), timeout=60)  # chunked: no Content-Length
+    assert streamed.status_code == 413
+    assert requests.get(f"http://{rest}/v2/models/digits/ready", timeout=10).status_code == 200
 
 
 def test_torchserve_error_bodies_become_kserve_error_messages() -> None:

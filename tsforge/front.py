@@ -39,7 +39,15 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
 
-from tsforge.front_rest import BearerToken, InferenceKey, InferPassthrough, Upstream, error_message
+from tsforge.front_rest import (
+    MAX_REQUEST_SIZE,
+    BearerToken,
+    BodyLimit,
+    InferenceKey,
+    InferPassthrough,
+    Upstream,
+    error_message,
+)
 
 HOST = "127.0.0.1"
 
@@ -181,15 +189,18 @@ class LoopbackModelServer(ModelServer):  # type: ignore[misc]
     TorchServe. Nothing is logged per request (TorchServe's access log has every request already).
     """
 
-    def __init__(self, *, key: InferenceKey | None, upstream: Upstream, **kwargs: Any) -> None:
+    def __init__(self, *, key: InferenceKey | None, upstream: Upstream, max_request_size: int = MAX_REQUEST_SIZE,
+                 **kwargs: Any) -> None:
         super().__init__(enable_latency_logging=False, **kwargs)
         self.key = key
         self.upstream = upstream
+        self.max_request_size = max_request_size
         self.dataplane.decode = _client_errors(self.dataplane.decode)
 
     def start(self, models: list[Model]) -> None:
         self._register_and_check_atleast_one_model_is_ready(models)
-        rest_app: Any = InferPassthrough(app, {model.name for model in models}, self.upstream)
+        rest_app: Any = BodyLimit(InferPassthrough(app, {model.name for model in models}, self.upstream),
+                                  self.max_request_size)
         if self.key:
             rest_app = BearerToken(rest_app, self.key)
         self._rest_server = QuietRESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane,
@@ -217,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json: require its inference key")
+    parser.add_argument("--max-request-size", type=int, default=MAX_REQUEST_SIZE,
+                        help="largest request body in bytes (TorchServe's max_request_size)")
     args = parser.parse_args(argv)
     key = InferenceKey(args.key_file) if args.key_file else None
     upstream = Upstream(args.inference_url)
     models = [TorchServeModel(name, upstream, signature(args.model_store / f"{name}.mar"))
               for name in args.models.split(",") if name]
-    LoopbackModelServer(key=key, upstream=upstream, http_port=args.http_port, grpc_port=args.grpc_port,
-                        enable_grpc=True, workers=1).start(models)
+    LoopbackModelServer(key=key, upstream=upstream, max_request_size=args.max_request_size, http_port=args.http_port,
+                        grpc_port=args.grpc_port, enable_grpc=True, workers=1).start(models)
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,6 +31,8 @@ OPEN_PATHS = ("/", "/v2/health/live")
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)/infer$")
 #: the binary tensor extension's header: such bodies are not JSON, KServe's app decodes them
 BINARY_HEADER = b"inference-header-content-length"
+#: TorchServe's default max_request_size (bytes)
+MAX_REQUEST_SIZE = 6_553_500
 
 
 class InferenceKey:
@@ -108,6 +111,25 @@ class BearerToken:
                 await respond(send, 401, orjson.dumps(message))
                 return
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes, as TorchServe's max_request_size: at once (JSON) when Content-Length
+    says so, else while it streams in (Starlette's limit). Neither KServe's app nor the passthrough has one."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.streamed = RequestBodyLimitMiddleware(app, limit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.limit:
+                message = f"request body of {int(declared)} bytes; the limit is {self.limit} (max_request_size)"
+                await respond(send, 413, orjson.dumps({"error": message}))
+                return
+        await self.streamed(scope, receive, send)
 
 
 class InferPassthrough:

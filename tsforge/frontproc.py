@@ -52,6 +52,8 @@ def start(run_dir: Path, props: Mapping[str, str], inference_url: str, models: S
                "--http-port", props["front_http_port"], "--grpc-port", props["front_grpc_port"]]
     if key_file is not None and key_file.is_file():
         command += ["--key-file", str(key_file)]
+    if props.get("max_request_size"):
+        command += ["--max-request-size", props["max_request_size"]]
     with log.open("ab") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
