@@ -59,12 +59,12 @@ def binary_cases(model: str, cases: list[Case]) -> list[Case]:
 
 def measure(url: str, cases: list[Case], users: int, duration: float) -> dict[str, Any]:
     from loadtest.loadgen import load
+    from loadtest.report import latency_stats
 
     result = load(cases, users, duration, url=url, warmup_s=1.0)
-    latency = sorted(result.latency_ms)
-    pick = (lambda q: round(latency[min(len(latency) - 1, int(q * len(latency)))], 1)) if latency else (lambda q: None)
-    return {"req_per_s": round(len(latency) / duration, 1), "p50_ms": pick(0.5), "p99_ms": pick(0.99),
-            "failed": result.failed, "failures": result.failures}
+    stats = latency_stats(result.latency_ms) if result.latency_ms else {"p50": None, "p99": None}
+    return {"req_per_s": round(len(result.latency_ms) / duration, 1), "p50_ms": stats["p50"],
+            "p99_ms": stats["p99"], "failed": result.failed, "failures": result.failures}
 
 
 def markdown(report: dict[str, Any]) -> str:

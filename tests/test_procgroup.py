@@ -39,3 +39,15 @@ def test_free_ports_are_distinct() -> None:
 
     assert len(set(free_ports(50))) == 50
     assert len(set(free_port_overrides().values())) == len(free_port_overrides())
+
+
+def test_wait_returns_when_the_group_is_gone_or_done_says_so() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        assert not procgroup.wait(child.pid, 0.2)  # still running when the time is up
+        assert not procgroup.wait(child.pid, 30, done=lambda: True)  # done() ends the wait at once
+        assert procgroup.signal_group(child.pid, 9)
+        assert procgroup.wait(child.pid, 30)  # reaps its own child: gone
+    finally:
+        child.kill()
+        child.wait(timeout=30)

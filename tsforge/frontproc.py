@@ -13,7 +13,6 @@ pid file in the run dir lets `make stop` find it from any process.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -81,20 +80,9 @@ def stop(run_dir: Path, wait: float = 5.0) -> bool:
     except (OSError, ValueError):
         return False
     pid_file.unlink(missing_ok=True)
-    for sig, seconds in ((signal.SIGTERM, wait), (signal.SIGKILL, wait)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return True
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return True
-            except ChildProcessError:  # not our child: a zombie left for its parent counts as gone
-                if not procgroup.alive(pid):
-                    return True
-            time.sleep(0.05)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not procgroup.signal_group(pid, sig) or procgroup.wait(pid, wait):
+            break
     return True
 
 

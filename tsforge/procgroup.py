@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -86,3 +88,16 @@ def reap(pid: int) -> None:
     """Collect `pid`'s exit status if it is a child of this process that has exited."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def wait(pgid: int, seconds: float, done: Callable[[], bool] = lambda: False) -> bool:
+    """Until the group is empty, `done()` holds, or `seconds` have passed, reaping the group's leader meanwhile
+    (a child of this process); whether the group is empty."""
+    deadline = time.monotonic() + seconds
+    while True:
+        reap(pgid)
+        if not alive(pgid):
+            return True
+        if done() or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)

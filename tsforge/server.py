@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -428,21 +428,12 @@ class TorchServe:
         def frontend_gone() -> bool:
             return bool(frontend) and not any(procgroup.pid_alive(f) for f in frontend)
 
-        self._wait_for(pid, grace, frontend_gone)
+        procgroup.wait(pid, grace, frontend_gone)
         if procgroup.signal_group(pid, signal.SIGKILL):
-            self._wait_for(pid, KILL_WAIT_S, lambda: False)
+            procgroup.wait(pid, KILL_WAIT_S)
         procgroup.reap(pid)
         self._forget(pid)
         return True
-
-    def _wait_for(self, pgid: int, seconds: float, done: Callable[[], bool]) -> None:
-        """Until the group is empty, `done()` holds, or `seconds` have passed; reaps the launcher meanwhile."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            procgroup.reap(pgid)
-            if not procgroup.alive(pgid) or done():
-                return
-            time.sleep(0.05)
 
     def alive(self) -> bool:
         """Whether any process of this instance's tree (launcher, frontend, workers) is left."""
