@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 INSTALLED := $(VENV)/.installed
 HANDLER_SOURCES := $(wildcard handlers/*.py)
-EXPORT_SOURCES := $(wildcard export/*.py export/models/*.py) handlers/runtimes.py
+EXPORT_SOURCES := $(wildcard export/*.py export/models/*.py tsforge/new.py models/*.py $(addsuffix /*.py,$(subst :, ,$(TSFORGE_MODELS)))) handlers/runtimes.py
 ARCHIVES := $(MODELS:%=$(STORE)/%.mar)
 
 # The git state of the served code, rewritten only when it changes, so archives record the commit
@@ -45,30 +45,45 @@ $(INSTALLED): pyproject.toml
 export: $(MODELS:%=$(BUILD)/%/export.json) ## Trace MODELS to TorchScript with a parity check (build/NAME/)
 
 $(BUILD)/%/export.json: $(EXPORT_SOURCES) | $(INSTALLED)
-	$(PY) -m export $* --out-dir $(BUILD)
+	$(PY) -m tsforge export $* --out-dir $(BUILD)
 
 archive: $(ARCHIVES) ## Package MODELS into model_store/NAME.mar with a version file
 
 $(STORE)/%.mar: $(BUILD)/%/export.json $(HANDLER_SOURCES) config/models/%.yaml $(GIT_STATE) pyproject.toml
-	$(PY) -m tsforge.archive $* --build-dir $(BUILD) --store $(STORE)
+	$(PY) -m tsforge archive $* --build-dir $(BUILD) --store $(STORE)
 
 serve: $(STORE)/$(MODEL).mar ## Start TorchServe with MODEL; returns once it is ready
-	$(PY) -m tsforge.server start --config $(CONFIG) --run-dir $(RUN_DIR) --model-store $(STORE) --models $(MODEL)
+	$(PY) -m tsforge serve --config $(CONFIG) --run-dir $(RUN_DIR) --model-store $(STORE) --models $(MODEL)
 
 stop: ## Stop the TorchServe that `make serve` started
-	@if [ -x $(PY) ]; then $(PY) -m tsforge.server stop --run-dir $(RUN_DIR); else echo "nothing to stop"; fi
+	@if [ -x $(PY) ]; then $(PY) -m tsforge stop --run-dir $(RUN_DIR); else echo "nothing to stop"; fi
 
 status: | $(INSTALLED) ## Say whether TorchServe runs
-	@$(PY) -m tsforge.server status --run-dir $(RUN_DIR)
+	@$(PY) -m tsforge status --run-dir $(RUN_DIR)
 
 predict: | $(INSTALLED) ## Send MODEL's example inputs to the running server and print the answers
-	$(PY) -m tsforge.predict $(MODEL) --config $(CONFIG)
+	$(PY) -m tsforge predict $(MODEL) --config $(CONFIG)
 
 grpc: | $(INSTALLED) ## Generate gRPC stubs from the protos inside TorchServe's frontend jar (build/grpc)
-	$(PY) -m tsforge.grpc_stubs
+	$(PY) -m tsforge grpc-stubs
 
 test: $(ARCHIVES) ## Run the test suite (builds what it needs first)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite as an older CPU runs it, on whatever CPU this is: PyTorch's kernels capped by ATEN_CPU_CAPABILITY,
+# oneDNN's by ONEDNN_MAX_CPU_ISA; ONNX Runtime has no such switch, so its int8 path runs under an emulated AVX2 CPU
+# without AVX-512/VNNI (tests/test_emulated_cpu.py, QEMU user mode: Debian's qemu-user), required here, not skipped.
+# The first run is the whole suite (20+ min on 2 cores); the second and third, with ATen at its scalar `default`,
+# keep to the unit tests (test_autoselect, test_emulated_cpu among them) and the served-variant tests (ISA_TESTS),
+# where the instruction set decides something, to bound the time.
+ISA_TESTS ?= tests/test_variants.py tests/test_image_serving.py tests/test_accuracy_gate.py
+
+.PHONY: test-isa
+test-isa: $(ARCHIVES) ## The suite under capped ISAs: all at ATen+oneDNN AVX2; unit + ISA_TESTS at ATen default, oneDNN AVX2; ONNX Runtime int8 on an emulated AVX2 CPU (qemu-user)
+	@command -v qemu-x86_64 >/dev/null || { echo "test-isa needs qemu-x86_64 for ONNX Runtime's int8 path (Debian: apt-get install -y qemu-user)"; exit 2; }
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m integration $(ISA_TESTS) $(PYTEST_ARGS)
 
 lint: | $(INSTALLED) ## ruff and mypy
 	$(VENV)/bin/ruff check .
@@ -81,7 +96,7 @@ clean: stop ## Remove built files (exports, archives, reports); keeps .venv
 
 # The digits CNN served through the generic image handler (a real-label check of handlers/image_handler.py).
 $(STORE)/digits_image.mar: $(BUILD)/digits/export.json $(HANDLER_SOURCES) config/models/digits_image.yaml $(GIT_STATE) pyproject.toml
-	$(PY) -m tsforge.archive digits --model-name digits_image --handler handlers/image_handler.py \
+	$(PY) -m tsforge archive digits --model-name digits_image --handler handlers/image_handler.py \
 		--config config/models/digits_image.yaml --build-dir $(BUILD) --store $(STORE)
 
 .PHONY: images
@@ -108,21 +123,26 @@ BENCH_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),
 .PHONY: loadtest bench tune benchmarks-doc
 
 loadtest: $(STORE)/$(MODEL).mar ## Headless locust run on MODEL (USERS, SPAWN_RATE, DURATION, PROTOCOL) -> reports/loadtest/
-	$(PY) -m loadtest.run --model $(MODEL) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+	$(PY) -m tsforge loadtest --model $(MODEL) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 		--protocol $(PROTOCOL) --out $(REPORTS)/loadtest/$(MODEL)-$(PROTOCOL) $(LOADTEST_ARGS)
 
-bench: $(STORE)/$(BENCH_MODEL).mar ## tsforge vs stock handler vs Flask vs in-process ceiling (LEVELS, DURATION) -> reports/bench/
+# DATA: where the committed summaries go (docs/data); BENCH_NAME names a run other than the shipped archive's
+# (BENCH_NAME=resnet18-matrix): the sizing and docs/scaling.md read only bench-MODEL.json.
+DATA       ?= docs/data
+BENCH_NAME ?= $(BENCH_MODEL)
+
+bench: $(STORE)/$(BENCH_MODEL).mar ## tsforge vs stock handler at its best setting vs Flask vs in-process ceiling (LEVELS, DURATION) -> reports/bench/, docs/data/
 	$(PY) -m loadtest.bench --model $(BENCH_MODEL) --levels $(LEVELS) --duration $(DURATION) \
-		--out $(REPORTS)/bench/$(BENCH_MODEL) $(BENCH_ARGS)
+		--out $(REPORTS)/bench/$(BENCH_NAME) --data $(DATA)/bench-$(BENCH_NAME).json $(BENCH_ARGS)
 
 tune: $(STORE)/$(MODEL).mar ## Sweep workers x batch x delay x threads under P99_MS within BUDGET s -> reports/tune/
-	$(PY) -m loadtest.tune --model $(MODEL) --p99-ms $(P99_MS) --budget $(BUDGET) --out $(REPORTS)/tune/$(MODEL) $(TUNE_ARGS)
+	$(PY) -m tsforge tune --model $(MODEL) --p99-ms $(P99_MS) --budget $(BUDGET) --out $(REPORTS)/tune/$(MODEL) \
+		--data $(DATA)/tune-$(MODEL).json $(TUNE_ARGS)
 
 BENCH_STATUS ?=# a note shown atop docs/benchmarks.md: where and how its numbers were taken
 
-benchmarks-doc: | $(INSTALLED) ## Render docs/benchmarks.md from the bench and tune reports (BENCH_STATUS=note)
-	$(PY) -m loadtest.render --bench $(wildcard $(REPORTS)/bench/*/bench.json) \
-		--tune $(wildcard $(REPORTS)/tune/*/tune.json) --status "$(BENCH_STATUS)"
+benchmarks-doc: | $(INSTALLED) ## Render docs/benchmarks.md and docs/scaling.md from docs/data/*.json (BENCH_STATUS=note)
+	$(PY) -m loadtest.render --data $(DATA) --status "$(BENCH_STATUS)"
 
 # ---- operations: versions, rollout, gRPC, Open Inference Protocol, metrics ----
 # A second version of MODEL: `make archive MODEL=digits VERSION=2.0` -> model_store/digits-2.0.mar (the model
@@ -133,34 +153,34 @@ ifneq ($(strip $(VERSION)),)
 VERSIONED_ARCHIVE := $(STORE)/$(MODEL)-$(strip $(VERSION)).mar
 archive: $(VERSIONED_ARCHIVE)
 $(VERSIONED_ARCHIVE): $(BUILD)/$(MODEL)/export.json $(HANDLER_SOURCES) config/models/$(MODEL).yaml $(GIT_STATE) pyproject.toml
-	$(PY) -m tsforge.archive $(MODEL) --version $(strip $(VERSION)) --archive-name $(MODEL)-$(strip $(VERSION)) \
+	$(PY) -m tsforge archive $(MODEL) --version $(strip $(VERSION)) --archive-name $(MODEL)-$(strip $(VERSION)) \
 		--build-dir $(BUILD) --store $(STORE)
 endif
 
 .PHONY: verify deploy rollback undeploy deploy-status predict-grpc metrics
 
 verify: | $(INSTALLED) ## Check every archive in the store against its version file (offline)
-	$(PY) -m tsforge.verify --store $(STORE)
+	$(PY) -m tsforge verify --store $(STORE)
 
 deploy: $(VERSIONED_ARCHIVE) | $(INSTALLED) ## Roll MODEL out to VERSION: register, smoke-test, make default
 	@test -n "$(strip $(VERSION))" || { echo "usage: make deploy MODEL=digits VERSION=2.0"; exit 2; }
-	$(PY) -m tsforge.deploy deploy $(MODEL) $(strip $(VERSION)) --run-dir $(RUN_DIR) --store $(STORE)
+	$(PY) -m tsforge deploy $(MODEL) $(strip $(VERSION)) --run-dir $(RUN_DIR) --store $(STORE)
 
 rollback: | $(INSTALLED) ## Make MODEL's previous default version the default again (TO=VERSION to pick one)
-	$(PY) -m tsforge.deploy rollback $(MODEL) --run-dir $(RUN_DIR) $(if $(strip $(TO)),--to $(strip $(TO)))
+	$(PY) -m tsforge rollback $(MODEL) --run-dir $(RUN_DIR) $(if $(strip $(TO)),--to $(strip $(TO)))
 
 undeploy: | $(INSTALLED) ## Unregister VERSION of MODEL (refused while it is the default)
 	@test -n "$(strip $(VERSION))" || { echo "usage: make undeploy MODEL=digits VERSION=1.0"; exit 2; }
-	$(PY) -m tsforge.deploy undeploy $(MODEL) $(strip $(VERSION)) --run-dir $(RUN_DIR)
+	$(PY) -m tsforge undeploy $(MODEL) $(strip $(VERSION)) --run-dir $(RUN_DIR)
 
 deploy-status: | $(INSTALLED) ## MODEL's registered versions, the default, workers and deploy history
-	$(PY) -m tsforge.deploy status $(MODEL) --run-dir $(RUN_DIR)
+	$(PY) -m tsforge deploy-status $(MODEL) --run-dir $(RUN_DIR)
 
 predict-grpc: | $(INSTALLED) ## Send MODEL's example inputs over gRPC (TorchServe's own protos)
-	$(PY) -m tsforge.grpc_client predict $(MODEL) --run-dir $(RUN_DIR) $(if $(strip $(VERSION)),--version $(strip $(VERSION)))
+	$(PY) -m tsforge grpc predict $(MODEL) --run-dir $(RUN_DIR) $(if $(strip $(VERSION)),--version $(strip $(VERSION)))
 
 metrics: | $(INSTALLED) ## Health, per-model readiness and the important Prometheus metrics
-	$(PY) -m tsforge.metrics --run-dir $(RUN_DIR)
+	$(PY) -m tsforge metrics --run-dir $(RUN_DIR)
 
 # ---- GPU bench ----
 # On a GPU host, from a clean tree: exports and archives MODEL (resnet50) there, then serves tsforge and the stock
@@ -172,13 +192,18 @@ GPU_BENCH_ARGS ?=# e.g. --clients 8 --stock-duration 10
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),resnet50)
 
+.PHONY: bench-startup
+bench-startup: $(STORE)/resnet18.mar $(STORE)/digits.mar $(STORE)/minilm.mar ## Worker start with auto: the first measuring, one more reusing -> docs/data/startup.json
+	$(PY) -m tsforge bench-startup --models resnet18,digits,minilm --out $(DATA)/startup.json
+
 .PHONY: bench-front
 bench-front: $(STORE)/resnet18.mar $(STORE)/digits.mar ## The v2 front's cost: v2 requests direct vs through it, c=16 -> reports/front-cost/
-	$(PY) -m loadtest.front_cost --models resnet18,digits --users 16 --out $(REPORTS)/front-cost
+	$(PY) -m tsforge bench-front --models resnet18,digits --users 16 --out $(REPORTS)/front-cost \
+		--data $(DATA)/front-cost.json
 
 .PHONY: bench-gpu
 bench-gpu: ## GPU: tsforge vs stock handler vs in-process ceiling, GPU use sampled (GPU_LEVELS, GPU_DURATION) -> reports/gpu-bench/
-	$(GPU_PY) -m loadtest.gpu_bench --model $(GPU_MODEL) --levels $(GPU_LEVELS) --duration $(GPU_DURATION) \
+	$(GPU_PY) -m tsforge bench-gpu --model $(GPU_MODEL) --levels $(GPU_LEVELS) --duration $(GPU_DURATION) \
 		--out $(REPORTS)/gpu-bench $(GPU_BENCH_ARGS)
 
 # ---- KServe bundle, CI packaging ----
@@ -191,10 +216,10 @@ TAG         ?=# the release tag being packaged (v0.1.0); it must name pyproject.
 .PHONY: kserve check-tag package
 
 kserve: $(ARCHIVES) ## KServe bundle of MODELS (KSERVE_OUT, KSERVE_ARGS) -> build/kserve/
-	$(PY) -m tsforge.kserve --out $(KSERVE_OUT) --store $(STORE) --models $(MODELS) $(KSERVE_ARGS)
+	$(PY) -m tsforge kserve --out $(KSERVE_OUT) --store $(STORE) --models $(MODELS) $(KSERVE_ARGS)
 
 check-tag: | $(INSTALLED) ## Fail unless TAG (v0.1.0) names pyproject.toml's version
-	$(PY) -m tsforge.release check-tag $(TAG)
+	$(PY) -m tsforge release check-tag $(TAG)
 
 package: ## CI on a version tag (TAG=v0.1.0): check the tag, archive, verify, test, KServe bundle
 	$(MAKE) check-tag TAG=$(TAG)
@@ -210,5 +235,5 @@ SOAK_ARGS   ?=# e.g. --interval 2 --digits-users 8
 
 .PHONY: soak
 soak: $(STORE)/digits.mar $(STORE)/resnet18.mar | $(INSTALLED) ## Soak digits and resnet18 (SOAK_DIGITS, SOAK_RESNET requests), RSS over time -> reports/soak/
-	$(PY) -m loadtest.soak --digits-requests $(SOAK_DIGITS) --resnet18-requests $(SOAK_RESNET) \
+	$(PY) -m tsforge soak --digits-requests $(SOAK_DIGITS) --resnet18-requests $(SOAK_RESNET) \
 		--store $(STORE) --out $(REPORTS)/soak $(SOAK_ARGS)

@@ -10,6 +10,7 @@ import torch
 
 from export.spec import ExportError, ExportReport, ModelSpec, PreparedModel
 from export.variants import export_variants
+from handlers.accuracy import HELDOUT_FILE, heldout_file
 
 
 def _outputs(result: object) -> list[torch.Tensor]:
@@ -86,6 +87,9 @@ def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None 
             "The model likely has data-dependent control flow that tracing cannot capture."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if prepared.heldout and spec.accuracy:
+        measure, minimum = spec.accuracy
+        prepared.extra_files[HELDOUT_FILE] = heldout_file(measure, minimum, prepared.heldout, prepared.heldout_about)
     pt_file = out_dir / f"{spec.name}.pt"
     traced.save(str(pt_file))
     artefacts = export_variants(spec, prepared, out_dir, pt_file.name)

@@ -21,6 +21,9 @@ class PreparedModel:
     `metrics` holds figures measured by the factory itself, such as test accuracy.
     `calibration` (real inputs, batched along the first axis) calibrates int8 exports;
     `quality(fp32_runner, runner)` measures what a variant costs in accuracy on held-out data.
+    `heldout` (request payloads, as clients send them) travels in the archive as `heldout.json`: each worker
+    checks the variant it would serve on them against fp32 on its own machine (handlers/accuracy.py);
+    `heldout_about` says in a few words what they are.
     """
 
     module: torch.nn.Module
@@ -31,6 +34,8 @@ class PreparedModel:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     calibration: tuple[torch.Tensor, ...] | None = None
     quality: Callable[[Callable[..., torch.Tensor], Callable[..., torch.Tensor]], dict[str, float]] | None = None
+    heldout: list[Any] | None = None
+    heldout_about: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,9 @@ class ModelSpec:
     freeze:     run `torch.jit.freeze` on the traced module (folds weights as constants)
     variants:   further exports (export/variants.py): int8, onnx, onnx-int8, aotinductor
     int8:       "static" (calibrated, for CNNs) or "dynamic" (Linear layers, for transformers)
-    int8_bound: the quality metrics to (within bound, the bound in words); `auto` serves an int8 export only
-                when it is within
+    int8_bound: the export-time quality metrics to (within bound, the bound in words), recorded in export.json
+    accuracy:   (measure, minimum) that every served variant must keep against fp32 on the held-out inputs, on
+                the machine that serves it: ("top1_agreement", 0.99) or ("min_cosine", 0.99)
     """
 
     name: str
@@ -60,6 +66,7 @@ class ModelSpec:
     variants: tuple[str, ...] = ()
     int8: str = "static"
     int8_bound: Callable[[dict[str, float]], tuple[bool, str]] | None = None
+    accuracy: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True)

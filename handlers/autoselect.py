@@ -6,18 +6,23 @@
       onednn_fusion: auto    true | false | auto (TorchScript on a CPU)
       auto_tolerance: 0.02   largest discrepancy from fp32 that `auto` accepts (the handler defines it)
       reduced_precision: cast   how TorchScript runs bf16/fp16: cast (weights cast, then frozen) | autocast
+      accuracy_bound: 0.9       replaces the model's declared minimum of its held-out measure (handlers.accuracy)
+      accept_lower_accuracy: false   true: a variant named here may serve below the bound (warned, metric)
 
 A setting that names a value wins. For `auto` the candidates are what the device runs natively
 (`handlers.capabilities`: no bf16 without AMX or AVX512-BF16, no int8 without a fast int8 path) and what
-the archive carries (an int8 file only when its export met the model's accuracy bound). Each candidate
-is timed on a real batch (the archive's example inputs) and compared with fp32 TorchScript on the same
-batch; the fastest within `auto_tolerance` wins, the earlier (simpler) one when within `margin` of it.
+the archive carries. Each candidate is timed on a real batch (the archive's example inputs) and compared
+with fp32 TorchScript on the same batch. In order of preference (the fastest within `auto_tolerance`, the
+earlier, simpler one when within `margin` of it), each is then checked on the archive's held-out inputs
+against fp32 TorchScript on this machine (`handlers.accuracy`); the first within the model's bound is
+served. A variant named in the config is checked the same way and refused outside the bound.
 
-The measurement is shared through a small file per (archive version file, device, threads, batch size,
-settings) in `$TSFORGE_CACHE_DIR` (default `~/.cache/tsforge`): the first worker measures under a file
-lock, the others, restarted workers and in-process runs of the same archive (benchmark references) load
-what it chose. So all serve the same program, a second worker's start does not skew the first one's
-timings, and a restart is quick. Delete the folder to measure again.
+The decision is shared through a small file per (archive version file, device, threads, batch size,
+settings, this machine's CPU flags and library versions) in `$TSFORGE_CACHE_DIR` (default
+`~/.cache/tsforge`): the first worker measures under a file lock, the others, restarted workers and
+in-process runs of the same archive (benchmark references) load what it chose. So all serve the same
+program, a second worker's start does not skew the first one's timings, and a restart is quick. Delete the
+folder to measure again.
 """
 
 from __future__ import annotations
@@ -37,12 +42,17 @@ from typing import Any
 
 import torch
 
+from handlers.accuracy import AccuracyRefused, Verdict
 from handlers.capabilities import Capabilities
-from handlers.runtimes import BACKENDS, CASTS, PRECISIONS, Artefacts, Runner, Variant, VariantUnavailable
+from handlers.runtimes import BACKENDS, CASTS, PRECISIONS, Artefacts, Runner, Variant
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
 ALL_PRECISIONS = (*PRECISIONS, "int8")
+#: what every other variant is compared with: the exported program as traced
+REFERENCE = Variant("torchscript", "fp32", False)
+#: the held-out check of a loaded runner against fp32 on this machine (built by the handler)
+Check = Callable[[Runner], Verdict]
 #: how far one program's served output may move with the composition of its batch (kernels pick other
 #: blockings for other batch sizes), as the largest change of a probability: the bound tests use
 REPRODUCIBILITY = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2, "int8": 1e-2}
@@ -58,6 +68,8 @@ class Settings:
     tolerance: float = 0.02
     margin: float = 0.05
     cast: str = "cast"
+    accuracy_bound: float | None = None
+    accept_lower_accuracy: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, tolerance: float) -> Settings:
@@ -72,7 +84,12 @@ class Settings:
                                     ("reduced_precision", cast, CASTS)):
             if value not in allowed:
                 raise ValueError(f"model-config.yaml handler.{key} is {value!r}; expected one of {', '.join(allowed)}")
-        return cls(backend, precision, fusion, float(config.get("auto_tolerance", tolerance)), cast=cast)
+        bound = config.get("accuracy_bound")
+        accept = config.get("accept_lower_accuracy", False)
+        if not isinstance(accept, bool):
+            raise ValueError(f"model-config.yaml handler.accept_lower_accuracy is {accept!r}; expected true or false")
+        return cls(backend, precision, fusion, float(config.get("auto_tolerance", tolerance)), cast=cast,
+                   accuracy_bound=None if bound is None else float(bound), accept_lower_accuracy=accept)
 
 
 def candidates(settings: Settings, caps: Capabilities, artefacts: Artefacts) -> list[Variant]:
@@ -87,7 +104,7 @@ def candidates(settings: Settings, caps: Capabilities, artefacts: Artefacts) -> 
         for precision in precisions:
             for fusion in _fusions(settings, caps, backend, precision):
                 variant = Variant(backend, precision, fusion)
-                if artefacts.has(variant) and _accurate_enough(variant, artefacts, settings):
+                if artefacts.has(variant):
                     found.append(variant)
     return found
 
@@ -98,23 +115,19 @@ def _fusions(settings: Settings, caps: Capabilities, backend: str, precision: st
     return [False, True] if settings.fusion == AUTO else [settings.fusion == "true"]
 
 
-def _accurate_enough(variant: Variant, artefacts: Artefacts, settings: Settings) -> bool:
-    """An int8 file is a candidate for `auto` only when its export met the model's accuracy bound."""
-    entry = artefacts.entry(variant)
-    return entry is None or settings.precision != AUTO or bool(entry.get("within_bound", True))
-
-
 @dataclass
 class Trial:
     variant: Variant
     seconds: float | None = None  # median per batch
     discrepancy: float | None = None  # against fp32 TorchScript on the same batch
     error: str | None = None
+    accuracy: Verdict | None = None  # on the held-out inputs, when it was checked
     runner: Runner | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"variant": self.variant.name, "ms_per_batch": None if self.seconds is None else
-                round(self.seconds * 1000, 3), "discrepancy": self.discrepancy, "error": self.error}
+                round(self.seconds * 1000, 3), "discrepancy": self.discrepancy, "error": self.error,
+                "accuracy": None if self.accuracy is None else self.accuracy.to_json()}
 
 
 @dataclass
@@ -123,10 +136,16 @@ class Choice:
     measured: bool
     reason: str
     trials: list[Trial] = field(default_factory=list)
+    accuracy: Verdict | None = None  # the served variant's, None for fp32 TorchScript itself
+
+    @property
+    def below_bound(self) -> bool:
+        return self.accuracy is not None and not self.accuracy.within
 
     def to_json(self) -> dict[str, Any]:
         return {"variant": self.variant.name, **self.variant.to_json(), "measured": self.measured,
-                "reason": self.reason, "trials": [t.to_json() for t in self.trials]}
+                "reason": self.reason, "accuracy": None if self.accuracy is None else self.accuracy.to_json(),
+                "below_bound": self.below_bound, "trials": [t.to_json() for t in self.trials]}
 
 
 def pick(trials: Sequence[Trial], tolerance: float, margin: float) -> Trial:
@@ -140,19 +159,33 @@ def pick(trials: Sequence[Trial], tolerance: float, margin: float) -> Trial:
     return next(t for t in good if t.seconds is not None and t.seconds <= best * (1 + margin))
 
 
+def ranked(trials: Sequence[Trial], tolerance: float, margin: float) -> Iterator[Trial]:
+    """The trials within `tolerance`, best first by `pick`'s rule (each next one is `pick` of the rest)."""
+    left = list(trials)
+    while True:
+        try:
+            best = pick(left, tolerance, margin)
+        except ValueError:
+            return
+        yield best
+        left.remove(best)
+
+
 def run_trials(variants: Sequence[Variant], load: Callable[[Variant], Runner], inputs: Sequence[torch.Tensor],
-               discrepancy: Callable[[torch.Tensor, torch.Tensor], float], *, repeats: int = 3,
-               budget_s: float = 0.05, clock: Callable[[], float] = time.perf_counter) -> list[Trial]:
+               discrepancy: Callable[[torch.Tensor, torch.Tensor], float], reference: Runner, *,
+               repeats: int = 3, budget_s: float = 0.05,
+               clock: Callable[[], float] = time.perf_counter) -> list[Trial]:
     """Load and time each variant on `inputs` (the median of at least `repeats` calls, more until `budget_s`
-    has passed, so that sub-millisecond models are timed over many calls); the first variant's output is the
-    reference the others are compared with."""
+    has passed, so that sub-millisecond models are timed over many calls), and compare its output with the
+    `reference` runner's (fp32 TorchScript). A variant that fails in any way is skipped with the reason."""
+    with torch.inference_mode():
+        expected = reference(*inputs)
     trials: list[Trial] = []
-    reference: torch.Tensor | None = None
     for variant in variants:
         trial = Trial(variant)
         trials.append(trial)
         try:
-            runner = load(variant)
+            runner = reference if variant == REFERENCE else load(variant)
             with torch.inference_mode():
                 output = runner(*inputs)  # the first calls compile/optimise per shape: not timed
                 runner(*inputs)
@@ -161,16 +194,61 @@ def run_trials(variants: Sequence[Variant], load: Callable[[Variant], Runner], i
                     started = clock()
                     _finished(runner(*inputs))
                     times.append(clock() - started)
-        except (VariantUnavailable, RuntimeError, ValueError, OSError) as exc:
-            trial.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"  # not the traceback
+            trial.discrepancy = round(float(discrepancy(expected, output)), 6)
+        except Exception as exc:  # any backend's failure (ONNX Runtime raises its own types) skips the variant
+            trial.error = _reason(exc)
             log.warning("variant %s is not usable here: %s", variant.name, trial.error)
             continue
-        if reference is None:
-            reference = output
         trial.seconds = statistics.median(times)
-        trial.discrepancy = round(float(discrepancy(reference, output)), 6)
         trial.runner = runner
     return trials
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's type and last line, not its traceback."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
+
+
+def checked(trial: Trial, check: Check | None) -> Verdict | None:
+    """The held-out verdict of a trial's runner (None for fp32 TorchScript, the reference itself, or without a
+    held-out set); a failure while checking counts as out of bound, with the reason in the log."""
+    if check is None or trial.variant == REFERENCE or trial.runner is None:
+        return None
+    try:
+        trial.accuracy = check(trial.runner)
+    except Exception as exc:
+        trial.error = _reason(exc)
+        log.warning("variant %s failed on the held-out inputs: %s", trial.variant.name, trial.error)
+        return Verdict("error", float("nan"), 0.0, 0)
+    log.info("variant %s on the held-out inputs: %s", trial.variant.name, trial.accuracy)
+    return trial.accuracy
+
+
+def choose(trials: Sequence[Trial], settings: Settings, check: Check | None, batch: int) -> Choice:
+    """Among timed trials, the first by preference whose held-out verdict is within the bound."""
+    for trial in ranked(trials, settings.tolerance, settings.margin):
+        verdict = checked(trial, check)
+        if verdict is None or verdict.within:
+            return Choice(trial.variant, True, f"fastest within {settings.tolerance} of fp32 on a batch of {batch} "
+                          "example inputs" + ("" if verdict is None else f", and {verdict}"), list(trials), verdict)
+        log.warning("not serving %s: %s", trial.variant.name, verdict)
+    raise AccuracyRefused("no variant is both within tolerance and within the accuracy bound here: " + "; ".join(
+        f"{t.variant.name}: {t.error or t.accuracy or f'discrepancy {t.discrepancy}'}" for t in trials))
+
+
+def only(trial: Trial, settings: Settings, check: Check | None) -> Choice:
+    """The one candidate the settings allow: served when within the bound, or below it when the config accepts
+    lower accuracy (warned); refused with the figure otherwise."""
+    verdict = checked(trial, check)
+    if verdict is None or verdict.within:
+        reason = "the only candidate for these settings here" + ("" if verdict is None else f"; {verdict}")
+        return Choice(trial.variant, False, reason, [trial], verdict)
+    if not settings.accept_lower_accuracy or verdict.measure == "error":
+        raise AccuracyRefused(f"refusing to serve {trial.variant.name}: {trial.error or verdict}. Serve fp32, or set "
+                              "handler.accept_lower_accuracy: true to accept lower accuracy")
+    log.warning("serving %s BELOW its accuracy bound, as handler.accept_lower_accuracy allows: %s",
+                trial.variant.name, verdict)
+    return Choice(trial.variant, False, f"accepted below the bound by the config: {verdict}", [trial], verdict)
 
 
 def _finished(output: torch.Tensor) -> None:

@@ -5,30 +5,29 @@ optionally `collate`, `infer` and `encode` (one result row to JSON). The base do
 
 - reads the archive's `model-config.yaml` `handler:` section into `self.config`,
 - picks the device (`cuda:<gpu_id>` when there is a GPU), sets torch threads per worker,
-- loads the variant of the exported model that serves fastest here (`handlers.autoselect`: backend,
-  precision and fusion named in the config or measured at start; no pickle anywhere),
+- loads the variant of the exported model that serves fastest here among those that keep the model's
+  accuracy bound on this machine (`handlers.loading`: backend, precision and fusion named in the config or
+  measured at start, then checked on the archive's held-out inputs against fp32; no pickle anywhere),
 - answers each bad request with its own 4xx JSON and lets the rest of the batch through,
 - reports decode/inference/encode times, batch size and errors as custom metrics.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import autoselect, oip, provenance, runtimes
-from handlers.capabilities import detect
+from handlers import autoselect, oip, provenance
 from handlers.errors import InvalidInput, RequestError, internal_error_body
+from handlers.loading import VariantLoading
 from handlers.payload import extract, parse_json_bytes
 from handlers.telemetry import Telemetry
 
@@ -58,7 +57,7 @@ class ArchiveIntegrityError(RuntimeError):
     """The unpacked archive differs from its version file: tampered, or files of two versions mixed."""
 
 
-class BatchHandler(BaseHandler):  # type: ignore[misc]
+class BatchHandler(VariantLoading, BaseHandler):  # type: ignore[misc]
     """Subclass and implement `decode`; override `collate`, `infer` and `encode` as needed."""
 
     #: `handler.precision` / `handler.backend` when the config names none
@@ -194,6 +193,10 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         properties = processors[idx].get_request_properties() if idx < len(processors) else {}
         return not set(properties) - {"body"}
 
+    def decode_request(self, payload: Any) -> list[Any]:
+        """The model input items of one request as a client sends it (any wire format)."""
+        return self._decode_request(payload)[0]
+
     def _decode_request(self, payload: Any, bridged: bool = False) -> tuple[list[Any], Reply]:
         if oip.is_infer_request(payload):
             request = oip.parse_request(payload, bridged)
@@ -319,56 +322,6 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
         return {"version": self.version, "device": str(self.device), "threads": torch.get_num_threads(),
                 "selection": self.selection}
 
-    def load_model(self) -> runtimes.Runner:
-        """The runner of the variant this worker serves: named in the config, or measured (`auto`) on the
-        archive's example inputs. The choice and its timings go to the model log and to `describe`."""
-        serialized = ((self.context.manifest or {}).get("model") or {}).get("serializedFile")
-        if not serialized:
-            raise RuntimeError("the archive has no serialized model file")
-        artefacts = runtimes.Artefacts.read(self.model_dir, serialized)
-        capabilities = detect(self.device)
-        variants = autoselect.candidates(self.settings, capabilities, artefacts)
-        if not variants:
-            raise ValueError(f"no variant of this archive runs on {capabilities.name} with backend="
-                             f"{self.settings.backend}, precision={self.settings.precision}; the archive has "
-                             f"{', '.join(['torchscript', *artefacts.extra]) or 'no model file'}")
-        load = functools.partial(runtimes.load, artefacts=artefacts, device=self.device,
-                                 channels_last=self.channels_last, cast=self.settings.cast)
-        selection: dict[str, Any] = {"capabilities": capabilities.to_json(),
-                                     "candidates": [v.name for v in variants]}
-        if len(variants) == 1:
-            runner, decided = load(variants[0]), {"variant": variants[0].name, **variants[0].to_json(),
-                                                  "reason": "the only candidate for these settings here"}
-        else:
-            runner, decided = self._measure_or_reuse(variants, load)
-        self.selection = {**selection, **decided}
-        log.info("serving %s: %s", self.selection["variant"], json.dumps(self.selection))
-        return runner
-
-    def _measure_or_reuse(self, variants: list[runtimes.Variant],
-                          load: Callable[[runtimes.Variant], runtimes.Runner]
-                          ) -> tuple[runtimes.Runner, dict[str, Any]]:
-        record = (self.model_dir / provenance.VERSION_FILE).read_bytes()  # binds the key to these exact files
-        key = json.dumps([hashlib.sha256(record).hexdigest(), str(self.device), torch.get_num_threads(),
-                          self.batch_size, repr(self.settings), [v.name for v in variants]])
-        with autoselect.shared_decision(key) as shared:
-            known = autoselect.remembered(shared)
-            if known is not None and known in variants:
-                decided = json.loads(shared.read_text())
-                return load(known), {**decided, "reason": f"measured by worker {decided.get('pid')}: "
-                                                          f"{decided.get('reason')}"}
-            inputs = self.sample_inputs()
-            if inputs is None:
-                return load(variants[0]), {"variant": variants[0].name, **variants[0].to_json(),
-                                           "reason": "no example inputs in the archive to measure on"}
-            trials = autoselect.run_trials(variants, load, inputs, self.discrepancy)
-            best = autoselect.pick(trials, self.settings.tolerance, self.settings.margin)
-            choice = autoselect.Choice(best.variant, True, f"fastest within {self.settings.tolerance} of fp32 on a "
-                                       f"batch of {self.batch_size} example inputs", trials)
-            autoselect.remember(shared, choice)
-            assert best.runner is not None
-            return best.runner, choice.to_json()
-
     def sample_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """A full batch built from the archive's `examples.json` requests, as `infer` receives it."""
         examples = self.model_dir / "examples.json"
@@ -376,7 +329,7 @@ class BatchHandler(BaseHandler):  # type: ignore[misc]
             return None
         items: list[Any] = []
         for case in json.loads(examples.read_text()):
-            items.extend(self._decode_request(case["input"])[0])
+            items.extend(self.decode_request(case["input"]))
         if not items:
             return None
         batch = self.collate((items * self.batch_size)[: self.batch_size])

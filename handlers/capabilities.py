@@ -4,10 +4,16 @@ Read once per worker at start, from torch's own queries (`torch.cpu.get_capabili
 `torch.cuda.get_device_capability`), never from `/proc` or a hard-coded table of machines. The result
 decides which precisions are worth measuring: bf16 on a CPU without AMX or AVX512-BF16 is emulated,
 several times slower than fp32, so `precision: auto` never tries it there.
+
+The hardware's flags are capped by what the kernels are allowed to use: `ATEN_CPU_CAPABILITY` (as torch
+reports it in `torch.backends.cpu.get_cpu_capability()`) and `ONEDNN_MAX_CPU_ISA`. A host that caps
+oneDNN at AVX2 runs bf16 convolutions emulated whatever its CPU has.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,10 +76,62 @@ def detect(device: torch.device) -> Capabilities:
         index = device.index or 0
         return Capabilities("cuda", torch.cuda.get_device_name(index),
                             cuda=tuple(torch.cuda.get_device_capability(index)))  # type: ignore[arg-type]
-    return cpu_capabilities(torch.cpu.get_capabilities())
+    return this_cpu()
 
 
-def cpu_capabilities(reported: Mapping[str, Any]) -> Capabilities:
-    """From `torch.cpu.get_capabilities()`'s dictionary (or a faked one in tests)."""
-    flags = frozenset(flag for flag in CPU_FLAGS if reported.get(flag) is True)
-    return Capabilities("cpu", str(reported.get("cpu_name") or "cpu"), flags)
+def cpu_capabilities(reported: Mapping[str, Any], *, aten: str | None = None,
+                     onednn: str | None = None) -> Capabilities:
+    """From `torch.cpu.get_capabilities()`'s dictionary (or a faked one in tests), less the flags that the
+    ATen capability (`aten`, e.g. "AVX2") or oneDNN's ISA cap (`onednn`, e.g. "AVX2") keep kernels from using."""
+    flags = {flag for flag in CPU_FLAGS if reported.get(flag) is True}
+    for cap in (aten, onednn):
+        flags -= capped_flags(cap)
+    return Capabilities("cpu", str(reported.get("cpu_name") or "cpu"), frozenset(flags))
+
+
+#: the flags an ISA cap (ATen's capability or oneDNN's ONEDNN_MAX_CPU_ISA) leaves unused, by the cap's prefix;
+#: the first prefix that matches wins, so the longer names come first
+_AMX = {"amx_tile", "amx_bf16", "amx_fp16", "amx_int8"}
+_AVX512 = {"avx512_f", "avx512_vnni", "avx512_bf16", "avx512_fp16"} | _AMX
+_CAPS: tuple[tuple[str, set[str]], ...] = (
+    ("AVX512_CORE_AMX_FP16", set()), ("AVX10_1_512_AMX_FP16", set()),
+    ("AVX512_CORE_AMX", {"amx_fp16"}), ("AVX10_1_512_AMX", {"amx_fp16"}),
+    ("AVX512_CORE_FP16", _AMX), ("AVX10_1_512", _AMX),
+    ("AVX512_CORE_BF16", {"avx512_fp16"} | _AMX), ("AVX512_CORE_VNNI", {"avx512_bf16", "avx512_fp16"} | _AMX),
+    ("AVX512_CORE", _AVX512 - {"avx512_f"}), ("AVX512", set()),  # ATen's AVX512 is its highest level
+    ("AVX2_VNNI", _AVX512), ("AVX2", _AVX512 | {"avx_vnni"}),
+    ("AVX", _AVX512 | {"avx_vnni", "avx2"}), ("SSE", _AVX512 | {"avx_vnni", "avx2"}),
+    ("DEFAULT", _AVX512 | {"avx_vnni", "avx2"}),
+)
+
+
+def capped_flags(cap: str | None) -> set[str]:
+    """The flags a cap excludes; none for no cap or oneDNN's ALL / DEFAULT."""
+    name = (cap or "").strip().upper()
+    if not name or name == "ALL":
+        return set()
+    return next((set(flags) for prefix, flags in _CAPS if name.startswith(prefix)), set())
+
+
+def this_cpu() -> Capabilities:
+    """This CPU as its kernels may use it: torch's flags less what ATen's capability and oneDNN's cap exclude.
+    oneDNN's DEFAULT means no cap, ATen's DEFAULT means no vector ISA at all, hence the two spellings."""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cpu_capabilities(torch.cpu.get_capabilities(), aten=torch.backends.cpu.get_cpu_capability(),
+                            onednn=None if (onednn or "").upper() == "DEFAULT" else onednn)
+
+
+def fingerprint(device: torch.device) -> dict[str, Any]:
+    """What a measured choice depends on besides the archive: every CPU flag torch reports, the caps on them,
+    the GPU, and the versions of the libraries that run the variants. A change of any starts a new measurement."""
+    reported = {k: v for k, v in torch.cpu.get_capabilities().items() if v is True or k == "cpu_name"}
+    versions: dict[str, str | None] = {"torch": torch.__version__}  # with its build: +cpu, +cu130
+    for package in ("onnxruntime", "onnx"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    gpu = detect(device).to_json() if device.type == "cuda" else None
+    return {"cpu": reported, "aten": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+            "gpu": gpu, "versions": versions}

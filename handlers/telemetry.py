@@ -25,6 +25,8 @@ GAUGES = {
     "HandlerBatchSize": "count",
 }
 ERRORS = "HandlerRequestErrors"
+#: the served variant's held-out measure against fp32 on this machine, and 1 while it serves below its bound
+ACCURACY = {"HandlerHeldOutAccuracy": "ratio", "HandlerAccuracyBelowBound": "count"}
 
 
 class Telemetry:
@@ -54,6 +56,8 @@ class Telemetry:
         self._errors = self.metrics.add_metric_to_cache(
             ERRORS, "count", [*DIMENSIONS, "ErrorType"], MetricTypes.COUNTER
         )
+        for name, unit in ACCURACY.items():
+            self._gauges[name] = self.metrics.add_metric_to_cache(name, unit, list(DIMENSIONS), MetricTypes.GAUGE)
 
     def batch(self, size: int, decode_s: float, infer_s: float, encode_s: float) -> None:
         if not self._gauges:
@@ -67,11 +71,21 @@ class Telemetry:
         now = time.monotonic()
         if now < self._due:
             return
-        for name, total in sums.items():
+        for name, total in sums.items():  # the timing gauges only
             self._gauges[name].add_or_update(round(total / self._batches, 3), self._labels)
         self._sums = dict.fromkeys(GAUGES, 0.0)
         self._batches = 0
         self._due = now + self.interval_s
+
+    def accuracy(self, verdict: dict[str, Any] | None) -> None:
+        """The served variant's held-out verdict (`handlers.accuracy.Verdict.to_json()`), once at worker start;
+        fp32 TorchScript, the reference, has none and counts as 1.0 within its bound."""
+        if not self._gauges:
+            return
+        within = verdict is None or bool(verdict.get("within_bound"))
+        self._gauges["HandlerHeldOutAccuracy"].add_or_update(1.0 if verdict is None else float(verdict["value"]),
+                                                            self._labels)
+        self._gauges["HandlerAccuracyBelowBound"].add_or_update(0 if within else 1, self._labels)
 
     def error(self, kind: str) -> None:
         if self._errors is not None:

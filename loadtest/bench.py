@@ -3,7 +3,9 @@
     python -m loadtest.bench --model resnet18 --levels 1,4,16 --duration 20
 
 1. tsforge: the archive's handler on TorchServe (model_store/MODEL.mar as built)
-2. stock:   TorchServe's own handler (image_classifier for image models) on the same TorchScript file
+2. stock:   TorchServe's own handler (image_classifier for image models) on the same TorchScript file, at
+            its best setting here: each of 1 or 2 workers x batch 1 or 8 is served at the highest level for
+            --stock-sweep-duration s, and the fastest is then measured at every level like the others
 3. flask:   a plain Flask server, one fp32 forward pass per request (loadtest/flask_baseline.py)
 4. ceiling: the archive's handler in this process, a batched loop, no server (decode+infer+encode), and
             the forward pass alone
@@ -11,7 +13,10 @@
 Every answer is checked against the in-process reference; throughput counts correct answers only.
 With --matrix, the archive is also served with each backend x precision x fusion pinned (loadtest/matrix.py)
 at the highest level, beside the variant `auto` chose (read from the management API's model description).
-Writes reports/bench/MODEL/bench.json, bench.md (the table) and bench.png (throughput vs P99).
+Writes reports/bench/MODEL/bench.json (the raw report), bench.md (the table) and bench.png (throughput vs P99),
+and the small summary that is committed, docs/data/bench-MODEL.json (--data): docs/benchmarks.md, docs/scaling.md
+and the KServe sizing are made from it. Its `comparison` holds the side-by-side ratios at concurrency 16 (else the
+highest level): tsforge against the stock handler at its best setting, against Flask, and the P99 of each.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +54,49 @@ TARGETS = ("tsforge", "stock", "flask", "ceiling")
 BENCH_BUILD = ROOT / "build" / "bench"
 
 
-def stock_archive(model: str, store: Path) -> Path | None:
-    """MODEL.mar with TorchServe's stock handler around build/MODEL/MODEL.pt; None when there is no stock handler."""
+@dataclass(frozen=True)
+class StockSetting:
+    """How TorchServe serves the stock handler: its workers and batch size (the delay is the tsforge archive's, so
+    both wait as long to fill a batch)."""
+
+    workers: int
+    batch_size: int
+
+    @classmethod
+    def parse(cls, text: str) -> StockSetting:
+        workers, batch = text.lower().split("x")
+        return cls(int(workers), int(batch))
+
+    @property
+    def name(self) -> str:
+        return f"{self.workers}x{self.batch_size}"
+
+
+#: 1 or 2 workers x batch 1 or 8: TorchServe's defaults (1 x 1) and what a user tuning the stock handler would try
+STOCK_SETTINGS = "1x1,1x8,2x1,2x8"
+
+
+def stock_archive(model: str, store: Path, setting: StockSetting = StockSetting(1, 1),
+                  max_batch_delay: int = 5) -> Path | None:
+    """MODEL.mar with TorchServe's stock handler around build/MODEL/MODEL.pt, served as `setting`; None when there
+    is no stock handler."""
     stock = STOCK_HANDLERS.get(Path(get(model).handler).name)
     if stock is None:
         return None
     export_dir = ROOT / "build" / model
     store.mkdir(parents=True, exist_ok=True)
+    config = store / "model-config.yaml"
+    config.write_text(yaml.safe_dump({"minWorkers": setting.workers, "maxWorkers": setting.workers,
+                                      "batchSize": setting.batch_size, "maxBatchDelay": max_batch_delay,
+                                      "responseTimeout": 300}))
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     command = [str(archiver), "--model-name", model, "--version", "stock", "--handler", stock,
-               "--serialized-file", str(export_dir / f"{model}.pt"), "--export-path", str(store), "--force"]
+               "--serialized-file", str(export_dir / f"{model}.pt"), "--export-path", str(store),
+               "--config-file", str(config), "--force"]
     labels = export_dir / "index_to_name.json"
     if labels.is_file():
         command += ["--extra-files", str(labels)]
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return store / f"{model}.mar"
 
 
@@ -164,6 +198,35 @@ def run_matrix(model: str, mar: Path, payload_count: int, level: int, duration: 
     return {"level": level, "rows": rows}
 
 
+def run_stock(model: str, cases: list[Case], levels: list[int], duration: float, warmup: float,
+              settings: list[StockSetting], sweep: tuple[float, float], delay: int) -> tuple[list[dict[str, Any]],
+                                                                                        dict[str, Any] | None]:
+    """The stock handler at its best setting here: each setting served at the highest level for sweep[0] s after
+    sweep[1] s of load, the fastest then measured at every level. Rows (empty without a stock handler), sweep."""
+    level, tried = max(levels), []
+    for setting in settings:
+        store = BENCH_BUILD / "stock-store" / setting.name
+        if stock_archive(model, store, setting, delay) is None:
+            return [], None
+        entry: dict[str, Any] = {"workers": setting.workers, "batch_size": setting.batch_size}
+        try:
+            row = run_torchserve(f"stock-{setting.name}", model, store, cases, [level], sweep[0], sweep[1])[0]
+            entry |= {"qps": row["qps"], "p99_ms": row["latency_ms"]["p99"], "success_rate": row["success_rate"]}
+        except Exception as exc:  # a setting that cannot start here is a finding, not the end of the bench
+            entry["error"] = str(exc)[:300]
+        tried.append(entry)
+    measured = [t for t in tried if t.get("qps")]
+    if not measured:
+        raise RuntimeError(f"no stock setting served a correct answer: {tried}")
+    best = max(measured, key=lambda t: t["qps"])
+    chosen = StockSetting(best["workers"], best["batch_size"])
+    rows = run_torchserve("stock", model, BENCH_BUILD / "stock-store" / chosen.name, cases, levels, duration, warmup)
+    for row in rows:
+        row["setting"] = {"workers": chosen.workers, "batch_size": chosen.batch_size, "max_batch_delay": delay}
+    return rows, {"level": level, "duration_s": sweep[0], "warmup_s": sweep[1], "settings": tried,
+                  "best": chosen.name}
+
+
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """qps and P99 of each row relative to tsforge at the same concurrency."""
     base = {r["level"]: r for r in rows if r["target"] == "tsforge"}
@@ -175,7 +238,80 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+#: the concurrency the project's side-by-side goals are set at (the highest level when a run skips it)
+COMPARED_LEVEL = 16
+#: baselines of the side-by-side comparison: their target in the rows, their key in `comparison`
+BASELINES = {"stock": "stock_best", "flask": "flask"}
+
+
+def _point(row: dict[str, Any]) -> dict[str, Any]:
+    latency = row["latency_ms"]
+    return {"qps": row["qps"], "p50_ms": latency["p50"], "p99_ms": latency["p99"],
+            "success_rate": row["success_rate"]}
+
+
+def comparison(rows: list[dict[str, Any]], levels: list[int],
+               ceiling_result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """tsforge beside each baseline at one concurrency, from the same run: throughput ratios and P99s."""
+    level = COMPARED_LEVEL if COMPARED_LEVEL in levels else max(levels)
+    at = {r["target"]: r for r in rows if r["level"] == level}
+    ours = at.get("tsforge")
+    if ours is None:
+        return None
+    found: dict[str, Any] = {"level": level, "tsforge": _point(ours)}
+    for target, key in BASELINES.items():
+        theirs = at.get(target)
+        if theirs is None:
+            continue
+        found[key] = {**_point(theirs), **({"setting": theirs["setting"]} if "setting" in theirs else {})}
+        found[f"vs_{key}"] = round(ours["qps"] / theirs["qps"], 2) if theirs["qps"] else None
+        found[f"p99_below_{key}"] = ours["latency_ms"]["p99"] < theirs["latency_ms"]["p99"]
+    ceiling_rate = (ceiling_result or {}).get("handler_items_per_s")
+    if ceiling_rate:
+        found["ceiling_items_per_s"] = ceiling_rate
+        found["share_of_ceiling"] = round(ours["qps"] / ceiling_rate, 3)
+    return found
+
+
+def _compact_selection(described: dict[str, Any]) -> dict[str, Any]:
+    """The handler's description of its choice, without what only a debugging session needs."""
+    keys = ("variant", "backend", "precision", "fusion", "measured", "reason")
+    kept: dict[str, Any] = {k: described[k] for k in keys if k in described}
+    if "capabilities" in described:
+        kept["capabilities"] = {k: v for k, v in described["capabilities"].items() if k in ("device", "flags")}
+    kept["trials"] = [{**t, "error": str(t["error"])[:200] if t.get("error") else None}
+                      for t in described.get("trials", [])]
+    return kept
+
+
+#: the committed summary's format: bump it when a field changes meaning (render.py and capacity.py read it)
+SCHEMA = "tsforge.bench/1"
+_CONFIG_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "handler")
+
+
+def summary(result: dict[str, Any], raw: Path) -> dict[str, Any]:
+    """The small JSON committed under docs/data/: what the docs and the KServe sizing are made from."""
+    matrix_result = result["matrix"]
+    return {
+        "schema": SCHEMA,
+        **{k: result[k] for k in ("model", "created", "command", "machine", "levels", "duration_s", "warmup_s",
+                                  "payloads")},
+        "model_config": {k: v for k, v in result["model_config"].items() if k in _CONFIG_KEYS},
+        "rows": [report.compact_row(r) for r in result["rows"]],
+        "comparison": result["comparison"],
+        "stock_sweep": result["stock_sweep"],
+        "ceiling": result["ceiling"],
+        "selection": _compact_selection(result["selection"]),
+        "matrix": matrix_result and {**matrix_result, "rows": [{k: (str(v)[:200] if k == "error" else v)
+                                                                for k, v in r.items()}
+                                                               for r in matrix_result["rows"]]},
+        "notes": result["notes"],
+        "raw_report": report.shown(raw),
+        "wall_s": result["wall_s"],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
@@ -185,34 +321,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of load on each server before measuring (TorchServe's JVM takes ~20 s of load "
                              "to compile its hot paths)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"any of {', '.join(TARGETS)}")
+    parser.add_argument("--stock-settings", default=STOCK_SETTINGS,
+                        help="WORKERSxBATCH settings of the stock handler to try at the highest level; the best serves "
+                             "the stock rows")
+    parser.add_argument("--stock-sweep-duration", type=float, default=8.0,
+                        help="measured seconds per stock setting in the sweep")
+    parser.add_argument("--stock-sweep-warmup", type=float, default=10.0,
+                        help="seconds of load on each stock setting before its sweep measurement")
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL=FILE.mar",
                         help="also serve another build of the archive (e.g. one from an earlier commit) as LABEL")
     parser.add_argument("--matrix", action="store_true",
                         help="also serve each backend x precision x fusion pinned, at the highest level")
     parser.add_argument("--payload-count", type=int, default=32)
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
-    parser.add_argument("--out", type=Path, help="default: reports/bench/MODEL")
+    parser.add_argument("--out", type=Path, help="the raw report's folder; default: reports/bench/MODEL")
+    parser.add_argument("--data", type=Path,
+                        help="the small summary to commit (make bench: docs/data/bench-NAME.json); default: beside "
+                             "the raw report, so test and trial runs never touch docs/data")
     args = parser.parse_args(argv)
-    levels = [int(x) for x in args.levels.split(",") if x.strip()]
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    out = args.out or ROOT / "reports" / "bench" / args.model
-    out.mkdir(parents=True, exist_ok=True)
-    BENCH_BUILD.mkdir(parents=True, exist_ok=True)
-    mar = args.store / f"{args.model}.mar"
-    # Raw bodies only: what every server accepts alike (stock handlers take no JSON envelopes).
-    cases = [c for c in prepared_cases(args.model, mar, args.payload_count) if c.raw]
-    # The stock handler and Flask run the plain fp32 export: their answers are checked against that.
-    fp32_cases = [c for c in prepared_cases(args.model, mar, args.payload_count, handler_overrides=PLAIN_FP32)
-                  if c.raw]
-    config = yaml.safe_load((unpack(mar) / "model-config.yaml").read_text()) or {}
-    started = time.time()
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    print(f"bench {args.model}: {len(cases)} payloads, levels {levels}, {args.duration:g} s each", flush=True)
-    described: dict[str, Any] = {}
-    if "tsforge" in targets:
-        rows += run_torchserve("tsforge", args.model, args.store, cases, levels, args.duration, args.warmup,
-                               described)
+    args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.stock_settings = [StockSetting.parse(x) for x in args.stock_settings.split(",") if x.strip()]
+    args.out = args.out or ROOT / "reports" / "bench" / args.model
+    args.data = args.data or args.out / f"bench-{args.out.name}.json"
+    return args
+
+
+def run_compare(args: argparse.Namespace, mar: Path) -> list[dict[str, Any]]:
+    rows = []
     for label, other in (c.split("=", 1) for c in args.compare):
         store = BENCH_BUILD / "compare" / label
         store.mkdir(parents=True, exist_ok=True)
@@ -220,55 +356,88 @@ def main(argv: list[str] | None = None) -> int:
         other_cases = [c for c in prepared_cases(args.model, mar, args.payload_count,
                                                  handler_overrides=served_as(store / f"{args.model}.mar"))
                        if c.raw]
-        rows += run_torchserve(label, args.model, store, other_cases, levels, args.duration, args.warmup)
-    matrix_result = None
+        rows += run_torchserve(label, args.model, store, other_cases, args.levels, args.duration, args.warmup)
+    return rows
+
+
+def run_ceiling(mar: Path, cases: list[Case], batch: int, duration: float) -> dict[str, Any]:
+    # The best of one torch thread and one per core: which wins depends on the model and on what else runs.
+    candidates = [ceiling(mar, cases, batch, duration / 2, threads) for threads in sorted({1, os.cpu_count() or 1})]
+    found = asdict(max(candidates, key=lambda c: c.handler_items_per_s))
+    print(f"  ceiling  batch {batch}: handler {found['handler_items_per_s']} items/s, "
+          f"model alone {found['model_items_per_s']} items/s", flush=True)
+    return found
+
+
+def run_all(args: argparse.Namespace, mar: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Every target of the run, one after the other on this machine; the raw report's fields."""
+    # Raw bodies only: what every server accepts alike (stock handlers take no JSON envelopes).
+    cases = [c for c in prepared_cases(args.model, mar, args.payload_count) if c.raw]
+    # The stock handler and Flask run the plain fp32 export: their answers are checked against that.
+    fp32_cases = [c for c in prepared_cases(args.model, mar, args.payload_count, handler_overrides=PLAIN_FP32)
+                  if c.raw]
+    found: dict[str, Any] = {"rows": [], "notes": [], "selection": {}, "matrix": None, "stock_sweep": None,
+                             "ceiling": None, "cases": cases}
+    print(f"bench {args.model}: {len(cases)} payloads, levels {args.levels}, {args.duration:g} s each", flush=True)
+    if "tsforge" in args.targets:
+        found["rows"] += run_torchserve("tsforge", args.model, args.store, cases, args.levels, args.duration,
+                                        args.warmup, found["selection"])
+    found["rows"] += run_compare(args, mar)
     if args.matrix:
         # as much load before its measurement as the tsforge row had before its highest level (the JVM's JIT)
-        settle = args.warmup + args.duration * (len(levels) - 1)
-        matrix_result = run_matrix(args.model, mar, args.payload_count, max(levels), args.duration, settle)
-    if "stock" in targets:
-        stock = stock_archive(args.model, BENCH_BUILD / "stock-store")
-        if stock is None:
-            notes.append(f"stock: TorchServe has no stock handler for {get(args.model).handler}")
-        else:
-            rows += run_torchserve("stock", args.model, stock.parent, fp32_cases, levels, args.duration, args.warmup)
-    if "flask" in targets:
-        rows += run_flask(args.model, mar, fp32_cases, levels, args.duration, args.warmup)
-    ceiling_result = None
-    if "ceiling" in targets:
-        batch = int(config.get("batchSize", 16))
-        # The best of one torch thread and one per core: which wins depends on the model and on what else runs.
-        candidates = [ceiling(mar, cases, batch, args.duration / 2, threads)
-                      for threads in sorted({1, os.cpu_count() or 1})]
-        ceiling_result = asdict(max(candidates, key=lambda c: c.handler_items_per_s))
-        print(f"  ceiling  batch {batch}: handler {ceiling_result['handler_items_per_s']} items/s, "
-              f"model alone {ceiling_result['model_items_per_s']} items/s", flush=True)
+        settle = args.warmup + args.duration * (len(args.levels) - 1)
+        found["matrix"] = run_matrix(args.model, mar, args.payload_count, max(args.levels), args.duration, settle)
+    if "stock" in args.targets:
+        rows, found["stock_sweep"] = run_stock(args.model, fp32_cases, args.levels, args.duration, args.warmup,
+                                               args.stock_settings,
+                                               (args.stock_sweep_duration, args.stock_sweep_warmup),
+                                               int(config.get("maxBatchDelay", 5)))
+        found["rows"] += rows
+        if found["stock_sweep"] is None:
+            found["notes"].append(f"stock: TorchServe has no stock handler for {get(args.model).handler}")
+    if "flask" in args.targets:
+        found["rows"] += run_flask(args.model, mar, fp32_cases, args.levels, args.duration, args.warmup)
+    if "ceiling" in args.targets:
+        found["ceiling"] = run_ceiling(mar, cases, int(config.get("batchSize", 16)), args.duration)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    BENCH_BUILD.mkdir(parents=True, exist_ok=True)
+    mar = args.store / f"{args.model}.mar"
+    config = yaml.safe_load((unpack(mar) / "model-config.yaml").read_text()) or {}
+    started = time.time()
+    found = run_all(args, mar, config)
+    cases, rows = found.pop("cases"), with_ratios(found.pop("rows"))
     result = {
         "model": args.model,
         "archive": report.shown(mar),
-        "model_config": {k: v for k, v in config.items()},
-        "levels": levels,
+        "model_config": dict(config),
+        "levels": args.levels,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "payloads": {"count": len(cases), "kinds": sorted({c.content_type for c in cases}),
                      "mean_bytes": round(sum(len(c.body) for c in cases) / max(1, len(cases)))},
         "command": "python -m loadtest.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "rows": with_ratios(rows),
-        "selection": described,
-        "matrix": matrix_result,
-        "ceiling": ceiling_result,
-        "notes": notes,
+        "rows": rows,
+        "comparison": comparison(rows, args.levels, found["ceiling"]),
+        **found,
         "machine": report.machine(),
         "wall_s": round(time.time() - started, 1),
         "created": report.now(),
     }
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    raw = args.out / "bench.json"
+    raw.write_text(json.dumps(result, indent=2) + "\n")
+    data = summary(result, raw)
+    report.write_data(data, args.data)
     from loadtest.render import bench_markdown, bench_plot
 
-    (out / "bench.md").write_text(bench_markdown(result))
-    bench_plot(result, out / "bench.png")
-    print(bench_markdown(result))
-    print(f"reports: {out}")
+    (args.out / "bench.md").write_text(bench_markdown(data, report.shown(args.data)))
+    bench_plot(data, args.out / "bench.png")
+    print(bench_markdown(data, report.shown(args.data)))
+    print(f"reports: {args.out}; committed summary: {report.shown(args.data)}")
     return 0
 
 

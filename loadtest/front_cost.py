@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "front-cost")
+    parser.add_argument("--data", type=Path,
+                        help="the small summary to commit (make bench-front: docs/data/front-cost.json); default: "
+                             "OUT/front-cost-summary.json")
     args = parser.parse_args(argv)
     from loadtest import report as report_module
     from loadtest.serving import torchserve
@@ -123,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m loadtest.front_cost " + " ".join(argv if argv is not None else sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "front-cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    committed = {model: {path: ({k: v for k, v in row.items() if k != "runs"} if isinstance(row, dict) else row)
+                         for path, row in paths.items()} for model, paths in results.items()}
+    report_module.write_data({"schema": "tsforge.front-cost/1", **report, "models": committed,
+                              "raw_report": report_module.shown(args.out / "front-cost.json")},
+                              args.data or args.out / "front-cost-summary.json")
     (args.out / "front-cost.md").write_text(markdown(report))
     print(markdown(report))
     return 0

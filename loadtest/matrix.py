@@ -33,16 +33,19 @@ def cells(mar: Path, export_dir: Path) -> list[runtimes.Variant]:
     return autoselect.candidates(autoselect.Settings(), everything, artefacts)
 
 
-def pinned_archive(model: str, variant: runtimes.Variant, mar: Path, build: Path, store: Path,
-                   model_name: str | None = None) -> Path:
-    """MODEL.mar rebuilt into `store` (as MODEL_NAME.mar, default MODEL) with its handler pinned to `variant`."""
+def pinned_archive(model: str, variant: runtimes.Variant | None, mar: Path, build: Path, store: Path,
+                   model_name: str | None = None, **settings: Any) -> Path:
+    """MODEL.mar rebuilt from the exports in `build` into `store` (as MODEL_NAME.mar, default MODEL) with its
+    handler pinned to `variant` (None: as configured) and the other `handler:` `settings` given."""
     with zipfile.ZipFile(mar) as opened:
         config = yaml.safe_load(opened.read("model-config.yaml")) or {}
     handler = dict(config.get("handler") or {})
-    handler.update(backend=variant.backend, precision=variant.precision, onednn_fusion=variant.fusion)
+    if variant is not None:
+        handler.update(backend=variant.backend, precision=variant.precision, onednn_fusion=variant.fusion)
+    handler.update(settings)
     config["handler"] = handler
     store.mkdir(parents=True, exist_ok=True)
-    config_file = store / f"{model}-{variant.name}.yaml"
+    config_file = store / f"{model_name or model}-{variant.name if variant else 'auto'}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     name = model_name or model
     archive.main([model, "--config", str(config_file), "--store", str(store), "--build-dir", str(build),

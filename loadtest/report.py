@@ -4,6 +4,9 @@ Summary fields: tool, model, protocol, users, target, duration_s, requests, fail
 qps, latency_ms {mean, p50, p95, p99, max}, failure_reasons, server {cpu_percent, cores, frontend
 {cpu_percent, peak_rss_mb}, workers {cpu_percent, peak_rss_mb, count}}, torchserve (its own metrics),
 machine, created.
+
+The committed summaries under docs/data/ (`write_data`) keep a few of those fields per run (`compact_row`)
+beside the machine description; the docs are rendered from them (loadtest/render.py).
 """
 
 from __future__ import annotations
@@ -45,32 +48,53 @@ def server_pid(run_dir: Path) -> int | None:
         return None
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo's `model name`), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide which variant a worker serves (handlers/capabilities.py), as torch
+    reports them on this CPU: figures from CPUs with different flags are not comparable."""
+    import torch
+
+    from handlers.capabilities import CPU_FLAGS
+
+    reported = torch.cpu.get_capabilities()
+    return [flag for flag in CPU_FLAGS if reported.get(flag) is True]
+
+
 def machine() -> dict[str, Any]:
+    """What a figure was measured on, taken at run time; every committed report carries it."""
     import psutil
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with_model = Path("/proc/cpuinfo")
-    if with_model.is_file():
-        for line in with_model.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        from importlib.metadata import version
-
-        torchserve = version("torchserve")
-    except Exception:
-        torchserve = "unknown"
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchserve": torchserve,
+        "onnxruntime": _version("onnxruntime"),
+        "torchserve": _version("torchserve") or "unknown",
         "os": f"{platform.system()} {platform.release()}",
+        "date": datetime.now(timezone.utc).date().isoformat(),
     }
 
 
@@ -105,6 +129,64 @@ def summarize(result: LoadResult, *, tool: str, model: str, protocol: str, users
         "machine": machine(),
         "created": now(),
     }
+
+
+#: TorchServe's and the handler's gauges that the stage breakdown shows (the rest stay in the raw report)
+BREAKDOWN_GAUGES = ("QueueTime", "WorkerThreadTime", "HandlerDecodeTime", "HandlerInferenceTime",
+                    "HandlerEncodeTime", "HandlerBatchSize")
+#: the committed summaries are read by people in reviews and diffs: past this they are raw reports, not data
+DATA_LIMIT_BYTES = 64 * 1024
+_ROW_FIELDS = ("target", "level", "setting", "qps", "requests", "failures", "success_rate", "duration_s",
+               "qps_vs_tsforge", "p99_vs_tsforge")
+
+
+def data_dir(root: Path | None = None) -> Path:
+    """docs/data/: the committed JSON the docs are rendered from and the KServe sizing is derived from."""
+    from tsforge.project import ROOT
+
+    return (root or ROOT) / "docs" / "data"
+
+
+def compact_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A load run's summary as the committed data keeps it: figures the docs and the sizing use, no bulk."""
+    server = row.get("server") or {}
+    frontend, workers = server.get("frontend") or {}, server.get("workers") or {}
+    kept = {key: row[key] for key in _ROW_FIELDS if key in row}
+    kept["latency_ms"] = row["latency_ms"]
+    kept["server"] = {"cpu_percent": server.get("cpu_percent"),
+                      "frontend": {"peak_rss_mb": frontend.get("peak_rss_mb")},
+                      "workers": {"peak_rss_mb": workers.get("peak_rss_mb"), "count": workers.get("count")}}
+    metrics = row.get("torchserve") or {}
+    if metrics.get("per_request") or metrics.get("gauges_mean"):
+        gauges = metrics.get("gauges_mean") or {}
+        kept["torchserve"] = {"per_request": metrics.get("per_request") or {},
+                              "gauges_mean": {k: gauges[k] for k in BREAKDOWN_GAUGES if k in gauges}}
+    reasons = row.get("failure_reasons") or {}
+    if reasons:
+        kept["failure_reasons"] = {str(k)[:120]: v for k, v in list(reasons.items())[:3]}
+    return kept
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: the committed files are strict JSON that any reader parses."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_data(summary: dict[str, Any], path: Path) -> Path:
+    """Write a committed summary; refuses one that has grown into a raw report."""
+    text = json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n"
+    if len(text.encode()) > DATA_LIMIT_BYTES:
+        raise ValueError(f"{path.name} would be {len(text.encode()):,} bytes (> {DATA_LIMIT_BYTES:,}): "
+                         "keep bulk in the raw report under reports/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 def timeline(result: LoadResult) -> list[dict[str, float]]:

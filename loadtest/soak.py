@@ -205,6 +205,20 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """What breaks the soak's bounds, one line each (empty: it passed): a process whose RSS grew by more than
+    GOAL_PCT after warm-up, a failed request, or no process measured at all (nothing to judge is no pass)."""
+    rows = summary["rss"]["processes"]
+    problems = [f"{row['label']}: RSS grew {row['growth_pct']:+.2f} % after warm-up "
+                f"({row['baseline_mb']} -> {row['final_mb']} MB), over the {GOAL_PCT:g} % bound"
+                for row in rows.values() if row["growth_pct"] > GOAL_PCT]
+    if not rows:
+        problems.append("no process had two RSS samples after warm-up")
+    problems += [f"{model}: {run['failed']} of {run['requests']} requests failed {run.get('failure_reasons', {})}"
+                 for model, run in summary["models"].items() if run["failed"]]
+    return problems
+
+
 def run(targets: dict[str, int], users: dict[str, int], out: Path, interval: float, warmup: float,
         store: Path) -> dict[str, Any]:
     from loadtest.inprocess import prepared_cases
@@ -236,7 +250,7 @@ def run(targets: dict[str, int], users: dict[str, int], out: Path, interval: flo
                        "seconds": round(p.finished - p.started, 1),
                        "rate": round(p.done / max(p.finished - p.started, 1e-9), 1)} for m, p in progress.items()},
         "rss": rss,
-        "max_growth_pct": max(row["growth_pct"] for row in rss["processes"].values()),
+        "max_growth_pct": max((row["growth_pct"] for row in rss["processes"].values()), default=None),
         "samples": sampler.samples,
     }
 
@@ -264,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "soak.md").write_text(table(summary))
     print(table(summary))
     print(f"reports: {shown(out / 'soak.json')}, {shown(out / 'soak.png')}, {shown(out / 'soak.md')}")
-    failed = sum(m["failed"] for m in summary["models"].values())
-    return 0 if summary["max_growth_pct"] <= GOAL_PCT and not failed else 1
+    problems = verdict(summary)
+    for problem in problems:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -114,6 +114,16 @@ def run_trial(server: TorchServe, model: str, cases: list[Case], setting: Settin
             "requests": done, "server": usage, "feasible": bool(done and latency["p99"] <= p99_ms and success >= 0.999)}
 
 
+def summary(result: dict[str, Any], raw: Path) -> dict[str, Any]:
+    """The small JSON committed under docs/data/ (docs/benchmarks.md's tuning tables are rendered from it)."""
+    def compact(trial: dict[str, Any] | None) -> dict[str, Any] | None:
+        return trial and {**report.compact_row(trial), "setting": trial["setting"], "feasible": trial["feasible"]}
+
+    return {"schema": "tsforge.tune/1", **{k: v for k, v in result.items() if k not in ("trials", "best")},
+            "trials": [compact(t) for t in result["trials"]], "best": compact(result["best"]),
+            "raw_report": report.shown(raw)}
+
+
 def ranked(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(trials, key=lambda t: (not t["feasible"], -t["qps"] if t["feasible"] else t["latency_ms"]["p99"]))
 
@@ -190,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="torch threads per worker")
     parser.add_argument("--apply", action="store_true",
                         help="also write the best setting into config/models/MODEL.yaml")
-    parser.add_argument("--out", type=Path, help="default: reports/tune/MODEL")
+    parser.add_argument("--out", type=Path, help="the raw report's folder; default: reports/tune/MODEL")
+    parser.add_argument("--data", type=Path,
+                        help="the small summary to commit (make tune: docs/data/tune-NAME.json); default: beside "
+                             "the raw report")
     args = parser.parse_args(argv)
     started = time.monotonic()
     out = args.out or ROOT / "reports" / "tune" / args.model
@@ -254,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         "created": report.now(),
     }
     (out / "tune.json").write_text(json.dumps(result, indent=2) + "\n")
+    data = args.data or out / f"tune-{out.name}.json"
+    report.write_data(summary(result, out / "tune.json"), data)
     from loadtest.render import tune_markdown
 
-    markdown = tune_markdown(result)
+    markdown = tune_markdown(result, report.shown(data))
     (out / "tune.md").write_text(markdown)
     frontier_plot(order, args.p99_ms, out / "frontier.png", f"{args.model}: throughput vs P99, {args.users} users")
     print(markdown)

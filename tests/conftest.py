@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "model_store"
 BUILD = ROOT / "build"
 DEV_CONFIG = ROOT / "config" / "config.properties"
+CACHE_ENV = "TSFORGE_CACHE_DIR"  # where `auto` records its choice (handlers/autoselect.py cache_dir)
 
 StartServer = Callable[..., TorchServe]
 
@@ -55,6 +56,17 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_choice_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An empty `auto` choice cache for the whole session, before any test runs: a choice recorded in the user's
+    ~/.cache/tsforge would let auto skip its measurement in every test, and tests must not write there either.
+    In-process handlers and any TorchServe not started by `start_server` (the soak's, `make` targets') use it."""
+    cache = tmp_path_factory.mktemp("choice_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return load_split()
@@ -62,15 +74,20 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
-    """Start a real TorchServe on free loopback ports; every one started is stopped at the end."""
+    """Start a real TorchServe on free loopback ports; every one started is stopped at the end.
+
+    Each gets its own empty `auto` choice cache (`server.env[CACHE_ENV]`), so its first worker measures the
+    candidates for real instead of reusing a choice another server (or an earlier run) recorded."""
     servers: list[TorchServe] = []
 
     def start(models: Sequence[str], *, store: Path = STORE, config: Path = DEV_CONFIG,
               overrides: dict[str, str] | None = None, snapshots: bool = False,
-              run_dir: Path | None = None, wait: bool = True) -> TorchServe:
+              run_dir: Path | None = None, wait: bool = True, cache_dir: Path | None = None) -> TorchServe:
+        cache = cache_dir or tmp_path_factory.mktemp("choice_cache")
         server = TorchServe(config=config, run_dir=run_dir or tmp_path_factory.mktemp("torchserve"),
                             model_store=store, models=model_args(models),
-                            overrides={**free_port_overrides(), **(overrides or {})}, snapshots=snapshots)
+                            overrides={**free_port_overrides(), **(overrides or {})}, snapshots=snapshots,
+                            env={CACHE_ENV: str(cache)})
         servers.append(server)
         server.start()
         if wait:

@@ -199,16 +199,21 @@ def url(server: TorchServe, bad: Bad) -> str:
 
 
 def worker_pids(server: TorchServe) -> dict[str, list[int]]:
+    """Per model, the PIDs of its READY workers; a worker that is restarting is missing from its list."""
     pids = {}
     for model in MODELS:
         described = requests.get(f"{server.url('management')}/models/{model}", timeout=10).json()
-        pids[model] = sorted(int(w["pid"]) for w in described[0]["workers"])
+        pids[model] = sorted(int(w["pid"]) for w in described[0]["workers"] if w["status"] == "READY")
     return pids
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def pids(server: TorchServe) -> dict[str, list[int]]:
-    return worker_pids(server)
+    """The workers as the server came up, recorded before this module sends its first request (autouse: set up
+    before the first test of the module runs), so a restart caused by any malformed request below is seen."""
+    baseline = worker_pids(server)
+    assert all(baseline.values()) and all(pid > 0 for found in baseline.values() for pid in found), baseline
+    return baseline
 
 
 def assert_json_4xx(response: requests.Response) -> dict[str, Any]:
@@ -309,5 +314,11 @@ def test_fuzzed_json_gets_an_answer_or_a_json_4xx(server: TorchServe, model: str
 
 
 def test_no_worker_restarted(server: TorchServe, pids: dict[str, list[int]]) -> None:
+    """Every worker that served before the first malformed request still serves, with the same PID; and none of
+    them died and came back (a replacement would have a new PID, and the frontend logs each death)."""
     assert worker_pids(server) == pids
+    logs = {"model_log.log": "Backend worker process died", "ts_log.log": "Retry worker:"}
+    died = [line for log, marker in logs.items()
+            for line in (server.run_dir / "logs" / log).read_text(errors="replace").splitlines() if marker in line]
+    assert died == []
 

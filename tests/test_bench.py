@@ -1,14 +1,19 @@
-"""`make bench` and `make tune` smoke runs: the reports are written, well-formed and renderable."""
+"""`make bench` and `make tune` smoke runs: the raw reports and the committed summaries (docs/data/) are written,
+well-formed, small and renderable; the stock handler is measured at its best setting."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from handlers.capabilities import CPU_FLAGS
+from loadtest import bench
+from loadtest.report import DATA_LIMIT_BYTES
 from tests.conftest import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -18,8 +23,27 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def bench_reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reports = tmp_path_factory.mktemp("reports")
     subprocess.run(["make", "-s", "bench", "MODEL=digits", "LEVELS=1,4", "DURATION=2",
-                    "BENCH_ARGS=--warmup 1 --matrix", f"REPORTS={reports}"], cwd=ROOT, check=True)
+                    "BENCH_ARGS=--warmup 1 --matrix", f"REPORTS={reports}", f"DATA={reports / 'data'}"],
+                   cwd=ROOT, check=True)
     return reports / "bench" / "digits"
+
+
+@pytest.fixture(scope="module")
+def stock_reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real ResNet-18 run with two stock settings in the sweep (the default sweeps four)."""
+    reports = tmp_path_factory.mktemp("reports")
+    args = ("--warmup 2 --targets tsforge,stock,flask --stock-settings 1x1,1x8 --stock-sweep-duration 2 "
+            "--stock-sweep-warmup 2")
+    subprocess.run(["make", "-s", "bench", "MODEL=resnet18", "LEVELS=2", "DURATION=2", f"BENCH_ARGS={args}",
+                    f"REPORTS={reports}", f"DATA={reports / 'data'}"], cwd=ROOT, check=True)
+    return reports
+
+
+def committed(data_dir: Path, model: str) -> dict[str, Any]:
+    path = data_dir / f"bench-{model}.json"
+    assert 0 < path.stat().st_size <= DATA_LIMIT_BYTES
+    found: dict[str, Any] = json.loads(path.read_text())
+    return found
 
 
 def test_bench_measures_every_applicable_server_at_every_level(bench_reports: Path) -> None:
@@ -62,16 +86,74 @@ def test_bench_writes_a_table_and_a_plot(bench_reports: Path) -> None:
     assert (bench_reports / "bench.png").read_bytes()[:8] == PNG
 
 
-def test_benchmarks_doc_renders_from_the_reports(bench_reports: Path, tmp_path: Path) -> None:
-    out = tmp_path / "benchmarks.md"
-    subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "loadtest.render", "--bench",
-                    str(bench_reports / "bench.json"), "--out", str(out)], cwd=ROOT, check=True)
+def test_the_committed_summary_is_small_and_carries_the_machine(bench_reports: Path) -> None:
+    data_dir = bench_reports.parent.parent / "data"
+    data, raw = committed(data_dir, "digits"), json.loads((bench_reports / "bench.json").read_text())
+    assert data["schema"] == bench.SCHEMA and data["model"] == "digits"
+    assert [(r["target"], r["level"], r["qps"]) for r in data["rows"]] == [
+        (r["target"], r["level"], r["qps"]) for r in raw["rows"]]
+    machine = data["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and set(machine["cpu_flags"]) <= set(CPU_FLAGS)
+    assert machine["torch"] and machine["onnxruntime"] and machine["torchserve"] != "unknown" and machine["date"]
+    assert data["raw_report"].endswith("bench/digits/bench.json") and data["stock_sweep"] is None
+    # no stock handler for digits: the comparison has Flask only, at the highest level (4; 16 was not run)
+    found = data["comparison"]
+    assert found["level"] == 4 and "stock_best" not in found and found["vs_flask"] > 0
+    assert f"Data: `{data_dir / 'bench-digits.json'}`" in (bench_reports / "bench.md").read_text()
+
+
+def test_benchmarks_doc_renders_from_the_committed_summaries(bench_reports: Path, tmp_path: Path) -> None:
+    out, scaling = tmp_path / "benchmarks.md", tmp_path / "scaling.md"
+    scaling.write_text((ROOT / "docs" / "scaling.md").read_text())
+    subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "loadtest.render", "--data",
+                    str(bench_reports.parent.parent / "data"), "--out", str(out), "--scaling", str(scaling)],
+                   cwd=ROOT, check=True)
     text = out.read_text()
     assert "## Side by side" in text and "### digits" in text and "python -m loadtest.bench" in text
+    assert "| digits | " in scaling.read_text() and "bench-digits.json` |" in scaling.read_text()  # sized from it
+
+
+def test_the_stock_handler_is_measured_at_its_best_setting(stock_reports: Path) -> None:
+    data = committed(stock_reports / "data", "resnet18")
+    sweep = data["stock_sweep"]
+    assert sweep["level"] == 2 and [(s["workers"], s["batch_size"]) for s in sweep["settings"]] == [(1, 1), (1, 8)]
+    best = max((s for s in sweep["settings"] if s.get("qps")), key=lambda s: s["qps"])
+    assert sweep["best"] == f"{best['workers']}x{best['batch_size']}"
+    stock = [r for r in data["rows"] if r["target"] == "stock"]
+    assert [r["level"] for r in stock] == [2] and stock[0]["success_rate"] == 1.0
+    assert stock[0]["setting"] == {"workers": best["workers"], "batch_size": best["batch_size"],
+                                   "max_batch_delay": data["model_config"]["maxBatchDelay"]}
+    rows = {r["target"]: r for r in data["rows"]}
+    found = data["comparison"]
+    assert found["level"] == 2 and found["stock_best"]["setting"] == stock[0]["setting"]
+    for target, key in (("stock", "stock_best"), ("flask", "flask")):
+        assert found[f"vs_{key}"] == round(rows["tsforge"]["qps"] / rows[target]["qps"], 2)
+        assert found[f"p99_below_{key}"] == (rows["tsforge"]["latency_ms"]["p99"] < rows[target]["latency_ms"]["p99"])
+    table = (stock_reports / "bench" / "resnet18" / "bench.md").read_text()
+    plural = "" if best["workers"] == 1 else "s"
+    assert f"best setting ({best['workers']} worker{plural} x batch {best['batch_size']})" in table
+    assert "Stock handler settings tried at concurrency 2" in table
+
+
+def test_the_comparison_takes_concurrency_16_and_each_baselines_own_row() -> None:
+    def row(target: str, level: int, qps: float, p99: float) -> dict[str, Any]:
+        return {"target": target, "level": level, "qps": qps, "success_rate": 1.0,
+                "latency_ms": {"p50": p99 / 2, "p99": p99}}
+
+    rows = [row("tsforge", 16, 150.0, 200.0), row("tsforge", 64, 160.0, 800.0), row("stock", 16, 50.0, 700.0),
+            row("stock", 64, 60.0, 2000.0), row("flask", 16, 0.0, 100.0)]
+    rows[2]["setting"] = {"workers": 2, "batch_size": 8, "max_batch_delay": 5}
+    found = bench.comparison(rows, [16, 64], {"handler_items_per_s": 300.0})
+    assert found is not None and found["level"] == 16
+    assert (found["vs_stock_best"], found["p99_below_stock_best"]) == (3.0, True)
+    assert found["stock_best"]["setting"]["batch_size"] == 8 and found["share_of_ceiling"] == 0.5
+    assert found["vs_flask"] is None and found["p99_below_flask"] is False  # no correct answer: no ratio
+    assert bench.comparison(rows, [64], None)["level"] == 64  # type: ignore[index]
+    assert bench.StockSetting.parse("2x8") == bench.StockSetting(2, 8) and bench.StockSetting(1, 8).name == "1x8"
 
 
 def test_make_tune_ranks_settings_and_writes_the_best_as_model_config(tmp_path: Path) -> None:
-    args = "--workers 1 --batch-sizes 1,8 --delays 5 --threads 1 --trial 1.5 --warmup 1"
+    args = f"--workers 1 --batch-sizes 1,8 --delays 5 --threads 1 --trial 1.5 --warmup 1 --data {tmp_path}/tune.json"
     subprocess.run(["make", "-s", "tune", "MODEL=digits", "P99_MS=5000", "BUDGET=60", f"REPORTS={tmp_path}",
                     f"TUNE_ARGS={args}"], cwd=ROOT, check=True)
     out = tmp_path / "tune" / "digits"
@@ -85,4 +167,9 @@ def test_make_tune_ranks_settings_and_writes_the_best_as_model_config(tmp_path: 
     assert config["batchSize"] == best["batch_size"] and config["handler"]["threads"] == best["threads"]
     assert config["maxWorkers"] == best["workers"]
     assert (out / "frontier.png").read_bytes()[:8] == PNG
-    assert "| rank |" in (out / "tune.md").read_text()
+    table = (out / "tune.md").read_text()
+    assert "| rank |" in table and f"Data: `{tmp_path}/tune.json`" in table
+    data = json.loads((tmp_path / "tune.json").read_text())  # the committed summary: small, the same ranking
+    assert data["schema"] == "tsforge.tune/1" and len((tmp_path / "tune.json").read_bytes()) <= DATA_LIMIT_BYTES
+    assert [t["qps"] for t in data["trials"]] == [t["qps"] for t in result["trials"]]
+    assert data["best"]["setting"] == best and data["machine"]["cpu_flags"] == result["machine"]["cpu_flags"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import time
 import zipfile
@@ -23,6 +24,7 @@ from PIL import Image
 from export.models.digits import to_tensor
 from export.models.resnet import jpeg, sample_photos
 from handlers.autoselect import REPRODUCIBILITY
+from handlers.capabilities import cpu_capabilities
 from handlers.images import ImagePreprocessor
 from handlers.runtimes import compile_for_serving, onednn_fusion
 from loadtest.serving import selection as served_selection
@@ -54,7 +56,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(start_server, store: Path) -> TorchServe:
-    return start_server(["resnet18", "digits_image"], store=store)
+    started: TorchServe = start_server(["resnet18", "digits_image"], store=store)
+    return started
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +185,20 @@ def test_sample_photos_top1_equals_offline_and_the_archived_example(server: Torc
     assert [r.status_code for r in responses] == [200] * len(calls)
     offline_top1 = [labels[str(int(i))] for i in predict(files).argmax(1)]
     assert [r.json()["label"] for r in responses[:2]] == offline_top1
-    assert responses[2].json()["label"] == example["expect"]["label"]
+    # The archived label is fp32's on the export machine. The variant `auto` chose here (int8 on some CPUs, and
+    # int8 kernels round differently from one CPU to the next) answers as it does offline; its top-1 is the
+    # archived one when it is fp32 (else within the declared agreement bound, the example among its top-k).
+    answer = responses[2].json()
+    assert answer["label"] == labels[str(int(predict([base64.b64decode(example["input"]["data"])]).argmax(1)[0]))]
+    if served_selection(server, "resnet18")["precision"] == "fp32":
+        assert answer["label"] == example["expect"]["label"]
+    else:
+        assert example["expect"]["label"] in answer["probabilities"], answer
 
 
 def test_digits_through_the_image_handler_get_their_true_labels(server: TorchServe, digits_split) -> None:
     _, _, x_test, y_test = digits_split
-    model = torch.jit.load(str(BUILD / "digits" / "digits.pt"))
+    model = torch.jit.load(str(BUILD / "digits" / "digits.pt"))  # type: ignore[no-untyped-call]
     with torch.inference_mode():
         offline = model(to_tensor(x_test)).argmax(1).numpy()
     url = server.url("inference") + "/predictions/digits_image"
@@ -200,19 +211,91 @@ def test_digits_through_the_image_handler_get_their_true_labels(server: TorchSer
     assert len(responses[0].json()["probabilities"]) == 3
 
 
-def test_onednn_fusion_is_scoped_and_changes_only_rounding(store: Path) -> None:
-    model = compile_for_serving(torch.jit.load(str(BUILD / "resnet18" / "resnet18.pt")), torch.bfloat16, True)
+FUSED = "oneDNNFusionGroup"
+
+
+def fusion_enabled() -> bool:
+    return bool(torch.jit.onednn_fusion_enabled())  # type: ignore[no-untyped-call]
+
+
+def last_graph() -> str:
+    """The graph TorchScript ran last, where fusion groups show."""
+    return str(torch.jit.last_executed_optimized_graph())  # type: ignore[attr-defined]
+
+
+def fuser_forms_groups(dtype: torch.dtype) -> bool:
+    """Whether TorchScript's oneDNN Graph fuser forms a group for a tiny conv + ReLU in `dtype` here. Whether it
+    does is the CPU's decision (and the ISA caps': ONEDNN_MAX_CPU_ISA=AVX2 or a CPU without AVX-512 gives no bf16
+    group, fp32 still fuses), so the tests ask it rather than assume it."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU()).eval().to(dtype)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    x = torch.randn(2, 3, 16, 16).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), onednn_fusion(True):
+        probe = torch.jit.freeze(torch.jit.trace(model, x))  # type: ignore[no-untyped-call]
+        for _ in range(3):  # the fuser rewrites the graph after profiling runs
+            probe(x)
+        return FUSED in last_graph()
+
+
+@pytest.fixture(scope="module")
+def fusion_dtype() -> tuple[torch.dtype, str | None]:
+    """The dtype the fusion tests run in: bf16 where this CPU runs it natively and the fuser fuses it, else fp32;
+    and why no group can be expected here (None when the fuser forms groups in that dtype)."""
+    native_bf16 = cpu_capabilities(torch.cpu.get_capabilities()).native_bf16
+    if native_bf16 and fuser_forms_groups(torch.bfloat16):
+        return torch.bfloat16, None
+    if fuser_forms_groups(torch.float32):
+        return torch.float32, None
+    return torch.float32, (f"the oneDNN Graph fuser forms no group for conv + ReLU here (ATen ISA "
+                           f"{torch.backends.cpu.get_cpu_capability()}, ONEDNN_MAX_CPU_ISA="
+                           f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, native bf16: {native_bf16})")
+
+
+def resnet18_and_photos(dtype: torch.dtype) -> tuple[torch.jit.ScriptModule, torch.Tensor]:
+    model = compile_for_serving(torch.jit.load(  # type: ignore[no-untyped-call]
+        str(BUILD / "resnet18" / "resnet18.pt")), dtype, True)
     preprocess = ImagePreprocessor()
     photos = [preprocess.tensor(jpeg(p)) for p in sample_photos().values()]
-    batch = torch.stack(photos * 2).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    before = torch.jit.onednn_fusion_enabled()
+    return model, torch.stack(photos * 2).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_onednn_fusion_switch_is_scoped(store: Path, fusion_dtype: tuple[torch.dtype, str | None],
+                                        before: bool) -> None:
+    """Holds on every CPU: the process-wide switch is on only inside the block and restored after it, also when
+    the block raises; with the switch off the graph has no fusion group."""
+    model, batch = resnet18_and_photos(fusion_dtype[0])
+    original = fusion_enabled()
+    torch.jit.enable_onednn_fusion(before)
+    try:
+        with torch.inference_mode():
+            if not before:
+                model(batch)
+                assert FUSED not in last_graph()
+            with onednn_fusion(not before):
+                assert fusion_enabled() == (not before)
+                model(batch)
+            assert fusion_enabled() == before
+            with pytest.raises(RuntimeError, match="inside"), onednn_fusion(not before):
+                raise RuntimeError("inside")
+            assert fusion_enabled() == before
+    finally:
+        torch.jit.enable_onednn_fusion(original)
+
+
+def test_onednn_fusion_forms_groups_and_changes_only_rounding(store: Path,
+                                                              fusion_dtype: tuple[torch.dtype, str | None]) -> None:
+    dtype, no_fusion = fusion_dtype
+    if no_fusion:
+        pytest.skip(no_fusion)
+    model, batch = resnet18_and_photos(dtype)
+    before = fusion_enabled()
     with torch.inference_mode():
         plain = model(batch).float()
-        assert "oneDNNFusionGroup" not in str(torch.jit.last_executed_optimized_graph())
+        assert FUSED not in last_graph()
         with onednn_fusion(True):
-            assert torch.jit.onednn_fusion_enabled()
             fused = [model(batch).float() for _ in range(3)][-1]  # the fuser rewrites the graph after profiling runs
-            assert "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())
-    assert torch.jit.onednn_fusion_enabled() == before
+            assert FUSED in last_graph(), dtype
+    assert fusion_enabled() == before
     assert torch.equal(fused.argmax(1), plain.argmax(1))
     assert (torch.softmax(fused, 1) - torch.softmax(plain, 1)).abs().max().item() < 0.02

@@ -118,7 +118,8 @@ def variants() -> dict[str, tuple[bytes, np.ndarray, float]]:
 
 
 def reference(picture: np.ndarray) -> torch.Tensor:
-    return REFERENCE(Image.fromarray(picture))
+    tensor: torch.Tensor = REFERENCE(Image.fromarray(picture))
+    return tensor
 
 
 def b64(data: bytes) -> str:

@@ -38,8 +38,37 @@ def fake_archive(store: Path, name: str, config: dict[str, Any], version: str = 
     return path
 
 
+def bench_summary(model: str, levels: list[tuple[int, float]], cores: int = 2) -> dict[str, Any]:
+    """A `make bench` summary as committed in docs/data/ (loadtest/bench.py's `summary`), tsforge rows and one
+    baseline row that the sizing must ignore."""
+    rows: list[dict[str, Any]] = [
+        {"target": "tsforge", "level": c, "qps": q, "latency_ms": {"p50": 5.0, "p99": 10.0 + c}, "success_rate": 1.0,
+         "server": {"cpu_percent": 150, "frontend": {"peak_rss_mb": 300}, "workers": {"peak_rss_mb": 700}}}
+        for c, q in levels]
+    rows.append({"target": "flask", "level": levels[-1][0], "qps": 1e6, "latency_ms": {"p99": 1.0}})
+    return {"schema": "tsforge.bench/1", "model": model, "created": "2026-11-27T00:00:00+00:00",
+            "machine": {"cores": cores, "cpu": "Fixture CPU"}, "model_config": {"maxWorkers": 2, "batchSize": 8},
+            "payloads": {"count": 4, "kinds": ["image/jpeg"], "mean_bytes": 1000}, "rows": rows}
+
+
+def write_data(root: Path, name: str, summary: dict[str, Any]) -> Path:
+    path = root / "docs" / "data" / f"bench-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary))
+    return path
+
+
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tree whose docs/data/ holds fixture summaries for digits and resnet18 (no committed figures needed)."""
+    root = tmp_path_factory.mktemp("root")
+    write_data(root, "digits", bench_summary("digits", [(1, 100.0), (8, 950.0), (32, 1000.0)], cores=4))
+    write_data(root, "resnet18", bench_summary("resnet18", [(1, 40.0), (4, 90.0), (16, 120.0)]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     store = tmp_path_factory.mktemp("store")
     tuned = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 60}
     for name in ("digits", "resnet18"):
@@ -48,7 +77,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("kserve")
     archives = kserve.select_archives(store, None)
     kserve.write_bundle(out, archives, "pvc://tsforge-models", "tsforge-torchserve:0.1.0", 8,
-                        capacity.measurements(ROOT))
+                        capacity.measurements(data_root))
     return out
 
 
@@ -90,46 +119,59 @@ def validate(document: dict[str, Any], crds: dict[tuple[str, str], jsonschema.pr
 
 # ---- capacity: the measured figures and the rule ----
 
-def test_measurements_come_from_the_committed_benchmarks() -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    measured = capacity.from_markdown(doc, ROOT)
-    assert {"digits", "resnet18"} <= set(measured)
-    for model in measured.values():  # whatever the page holds now: the figures are its tsforge rows
-        levels = [level.concurrency for level in model.levels]
-        assert levels == sorted(levels) and model.cores >= 1
-        assert model.knee in model.levels and model.knee.qps >= 0.9 * max(level.qps for level in model.levels)
-        assert f"| tsforge handler on TorchServe | {model.knee.concurrency} | {model.knee.qps:.1f} |" in doc.read_text()
-        assert model.knee.rss_mb > 0
-
-
-def test_a_bench_report_in_the_tree_wins_over_the_doc(tmp_path: Path) -> None:
-    report = tmp_path / "reports" / "bench" / "digits" / "bench.json"
-    report.parent.mkdir(parents=True)
-    rows = [{"target": "tsforge", "level": c, "qps": q, "latency_ms": {"p99": 10.0},
-             "server": {"cpu_percent": 150, "frontend": {"peak_rss_mb": 300}, "workers": {"peak_rss_mb": 700}}}
-            for c, q in ((1, 100.0), (8, 950.0), (32, 1000.0))]
-    rows.append({"target": "flask", "level": 32, "qps": 5000.0, "latency_ms": {"p99": 1.0}})
-    other = tmp_path / "reports" / "bench" / "digits-matrix" / "bench.json"  # not a `make bench MODEL=digits` run
-    other.parent.mkdir(parents=True)
-    report.write_text(json.dumps({"model": "digits", "created": "today", "machine": {"cores": 4, "cpu": "x"},
-                                  "rows": rows}))
-    other.write_text(report.read_text().replace('"qps": 950.0', '"qps": 10.0'))
-    (tmp_path / "docs").mkdir()
-    shutil.copy(ROOT / "docs" / "benchmarks.md", tmp_path / "docs" / "benchmarks.md")
-    measured = capacity.measurements(tmp_path)
-    assert measured["digits"].source == "reports/bench/digits/bench.json"
+def test_measurements_come_from_the_committed_json(data_root: Path) -> None:
+    measured = capacity.measurements(data_root)
+    assert set(measured) == {"digits", "resnet18"}
+    digits = measured["digits"]
+    assert digits.source == "docs/data/bench-digits.json" and digits.cores == 4 and digits.run.startswith("2026")
+    assert [level.concurrency for level in digits.levels] == [1, 8, 32]  # the flask row is not a tsforge level
+    assert digits.knee.rss_mb == 1000.0 and digits.best.qps == 1000.0
     sizing = capacity.size("digits", 2, 8, measured)
     assert (sizing.target_concurrency, sizing.capacity_qps, sizing.cpu) == (8, 950.0, 4)  # 950 >= 90 % of 1000
     assert sizing.memory_mib == 1280  # 1000 MB x 1.3 = 1240 MiB, rounded up to 256 MiB
     assert sizing.replicas_for(2000) == 4  # 2000 / (950 x 0.7) = 3.0 -> 4
-    assert "resnet18" in measured  # still read from the doc
+    assert "docs/data/bench-digits.json" in sizing.reason
 
 
-def test_an_unmeasured_model_gets_the_stated_fallback() -> None:
-    sizing = capacity.size("digits_tensor", 1, 16, capacity.measurements(ROOT))  # never benchmarked
+def test_only_a_bench_of_the_model_under_its_own_name_sizes_it(tmp_path: Path) -> None:
+    write_data(tmp_path, "digits", bench_summary("digits", [(16, 500.0)]))
+    write_data(tmp_path, "digits-matrix", bench_summary("digits", [(16, 10.0)]))  # another run: not the sizing's
+    write_data(tmp_path, "minilm", {**bench_summary("minilm", [(16, 50.0)]),
+                                    "rows": [{"target": "flask", "level": 16, "qps": 9.0, "latency_ms": {"p99": 1}}]})
+    measured = capacity.measurements(tmp_path)
+    assert set(measured) == {"digits"} and measured["digits"].best.qps == 500.0
+    with pytest.raises(capacity.MissingMeasurement, match="no tsforge row"):
+        capacity.load("minilm", tmp_path)
+
+
+def test_a_missing_or_wrong_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(capacity.MissingMeasurement, match=r"resnet18: .*docs/data/bench-resnet18.json is missing"):
+        capacity.load("resnet18", tmp_path)
+    write_data(tmp_path, "resnet18", bench_summary("digits", [(16, 500.0)]))
+    with pytest.raises(ValueError, match="holds a bench of digits, not of resnet18"):
+        capacity.load("resnet18", tmp_path)
+    (tmp_path / "docs" / "data" / "bench-resnet18.json").write_text('{"model": "resnet18"}')
+    with pytest.raises(ValueError, match=r"bench-resnet18\.json is not a `make bench` summary"):
+        capacity.measurements(tmp_path)
+
+
+def test_an_unmeasured_model_gets_the_stated_fallback(data_root: Path) -> None:
+    sizing = capacity.size("digits_tensor", 1, 16, capacity.measurements(data_root))  # never benchmarked
     assert sizing.measured is None and sizing.capacity_qps is None and sizing.replicas_for(100) is None
     assert sizing.target_concurrency == 16 and "fallback" in sizing.reason
+    assert "docs/data/bench-digits_tensor.json" in sizing.reason
     assert capacity.size("x", 2, 4, {}).memory_mib == capacity.FALLBACK_MEMORY_MIB
+
+
+def test_kserve_names_the_missing_file_or_refuses_the_fallback(tmp_path: Path, capsys) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    fake_archive(store, "digits_tensor", {"minWorkers": 1, "maxWorkers": 1, "batchSize": 16})
+    args = ["--store", str(store), "--out", str(tmp_path / "out")]
+    assert kserve.main(args) == 0
+    assert "digits_tensor: no measurement, docs/data/bench-digits_tensor.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"bench-digits_tensor\.json is missing.*--require-measured"):
+        kserve.main([*args, "--require-measured"])
 
 
 # ---- the bundle ----
@@ -180,8 +222,8 @@ def test_the_crd_schema_catches_mistakes(bundle: Path, crd_validators) -> None:
             validate(bad, crd_validators)
 
 
-def test_autoscaling_and_resources_follow_the_derivation(bundle: Path) -> None:
-    measured = capacity.measurements(ROOT)
+def test_autoscaling_and_resources_follow_the_derivation(bundle: Path, data_root: Path) -> None:
+    measured = capacity.measurements(data_root)
     services = {d["metadata"]["name"]: d for p in ("v1", "v2") for dev in ("cpu", "gpu")
                 for d in documents(bundle / "manifests" / f"inferenceservices-{p}-{dev}.yaml")}
     resnet = services["resnet18-v2-gpu"]["spec"]["predictor"]

@@ -21,7 +21,7 @@ from tests.test_reliability import fault_archive
 from tests.test_rollout import PROD
 from tsforge.grpc_client import GrpcClient, as_input_map
 from tsforge.grpc_stubs import stubs
-from tsforge.server import TorchServe, read_properties
+from tsforge.server import KeyKind, TorchServe, read_properties
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,15 @@ def rest_calls(server: TorchServe) -> list[tuple[str, str, dict[str, Any]]]:
         ("POST", f"{inference}/predictions/digits/1.0", {"json": body}),
         ("POST", f"{inference}/v2/models/digits/infer", {"json": v2}),
         ("GET", f"{inference}/v2/health/ready", {}),
+        ("GET", f"{inference}/v2/health/live", {}),
+        ("OPTIONS", f"{inference}/ping", {}),
+        ("OPTIONS", f"{inference}/predictions/digits", {}),
+        ("OPTIONS", f"{inference}/v2/models/digits/infer", {}),
+        ("OPTIONS", f"{inference}/v2/health/live", {}),
         ("GET", f"{management}/models", {}),
+        ("OPTIONS", f"{management}/models", {}),
+        ("OPTIONS", f"{management}/models/digits", {}),
+        ("GET", f"{management}/token", {"params": {"type": "inference"}}),
         ("GET", f"{management}/models/digits", {}),
         ("PUT", f"{management}/models/digits", {"params": {"min_worker": 1}}),
         ("PUT", f"{management}/models/digits/1.0/set-default", {}),
@@ -83,6 +91,47 @@ def test_the_inference_key_does_not_open_management_nor_the_reverse(server: Torc
     assert refused(requests.get(server.url("inference") + "/ping", headers=server.auth("management"), timeout=10))
     assert requests.get(server.url("inference") + "/ping", headers=server.auth("inference"),
                         timeout=10).json()["status"] == "Healthy"
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready"])
+def test_open_inference_health_needs_the_inference_key(server: TorchServe, path: str) -> None:
+    """TorchServe 0.12 checks the inference key on liveness and readiness too (unlike tsforge's v2 front, which
+    leaves liveness open): no key, a wrong one and the management key are refused; the inference key answers."""
+    url = server.url("inference") + path
+    for headers in ({}, WRONG, server.auth("management")):
+        assert refused(requests.get(url, headers=headers, timeout=10)), headers
+    answer = requests.get(url, headers=server.auth("inference"), timeout=10)
+    assert answer.status_code == 200 and answer.json() == {path.rsplit("/", 1)[1]: True}, answer.text
+
+
+STATIC_DESCRIPTION = {  # OPTIONS / on each API: TorchServe 0.12's fixed list of its endpoints
+    "inference": {"/", "/api-description", "/metrics", "/ping", "/predictions/{model_name}",
+                  "/predictions/{model_name}/{model_version}", "/v1/models/{model_name}:predict",
+                  "/v2/models/{model_name}/infer"},
+    "management": {"/", "/api-description", "/metrics", "/models", "/models/{model_name}",
+                   "/models/{model_name}/{model_version}", "/models/{model_name}/{model_version}/set-default"},
+}
+
+
+@pytest.mark.parametrize("api", ["inference", "management"])
+def test_options_without_a_token_answers_only_the_static_api_description(server: TorchServe, api: KeyKind) -> None:
+    """What TorchServe 0.12 answers without a key (docs/security.md): `OPTIONS /` and `/api-description` give its
+    generic OpenAPI description, the same bytes a key holder gets: the version and the endpoint list, no model
+    name, no key, nothing about this deployment. OPTIONS on any other path needs the key (see rest_calls)."""
+    base = server.url(api)
+    keys = {entry["key"] for entry in json.loads((server.run_dir / "key_file.json").read_text()).values()}
+    for method, path in (("OPTIONS", "/"), ("OPTIONS", "/api-description"), ("GET", "/api-description")):
+        anonymous = requests.request(method, base + path, timeout=10)
+        assert anonymous.status_code == 200, (method, path, anonymous.text[:200])
+        assert anonymous.content == requests.request(method, base + path, headers=server.auth(api),
+                                                     timeout=10).content
+        description = anonymous.json()
+        assert set(description["paths"]) == STATIC_DESCRIPTION[api]
+        assert description["info"]["version"] == "0.12.0"
+        assert not [word for word in ("digits", "probe", *keys) if word in anonymous.text]
+    # Only the description: every other method on / is refused.
+    assert {requests.request(m, base + "/", timeout=10).status_code for m in ("GET", "POST", "PUT", "DELETE")} \
+        == {405}
 
 
 def test_metrics_api_exposes_counters_only_on_loopback(server: TorchServe) -> None:

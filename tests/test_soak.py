@@ -1,9 +1,10 @@
-"""`make soak` in miniature: a few hundred digits requests, so the soak script cannot rot; its table from made-up
-samples."""
+"""`make soak` in miniature: a few hundred digits requests, so the soak script cannot rot, and its verdict must be a
+pass; its table and its bound (RSS growth after warm-up at most 5 %, no failed request) from made-up samples."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,49 @@ def test_the_table_has_one_row_per_process_and_per_model() -> None:
         "| resnet18 worker 2 (pid 22)", "| resnet18 worker 3 (pid 23)", "| model", "| digits", "| resnet18"]
 
 
+def made_up(worker_mb: Callable[[int], float], failed: int = 0) -> dict[str, Any]:
+    """A summary as `run` returns it, from 20 samples of a flat frontend and one digits worker whose RSS at sample
+    t is worker_mb(t); the soak is warm from t = 1 (100 of 1000 requests)."""
+    samples = [{"t": float(t), "rss_mb": {"frontend": 300.0, "digits/11": worker_mb(t)}, "done": {"digits": 100 * t}}
+               for t in range(20)]
+    rss = soak.growth(samples, {"digits": soak.Progress(target=1000, done=1000, failed=failed)}, warmup=0.1)
+    return {"rss": rss, "samples": samples,
+            "models": {"digits": {"requests": 1000, "failed": failed, "failure_reasons": {"HTTP 503": failed} if
+                                  failed else {}, "seconds": 1.0, "rate": 1000.0}}}
+
+
+@pytest.mark.parametrize(("name", "worker_mb", "failed", "code"), [
+    ("flat", lambda t: 500.0 + 0.25 * t, 0, 0),  # +0.9 %
+    ("grows only during warm-up", lambda t: 400.0 if t == 0 else 500.0, 0, 0),
+    ("grows 9 % after warm-up", lambda t: 500.0 + 2.5 * t, 0, 1),
+    ("flat, one request failed", lambda t: 500.0, 1, 1),
+])
+def test_the_soak_fails_on_growth_over_the_bound_or_a_failed_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, worker_mb: Callable[[int], float], failed: int,
+        code: int) -> None:
+    summary = made_up(worker_mb, failed)
+    monkeypatch.setattr(soak, "run", lambda *args: summary)  # main's verdict on these samples, no server
+    assert soak.main(["--out", str(tmp_path)]) == code, summary["rss"]
+    problems = soak.verdict(summary)
+    assert len(problems) == code
+    if name == "grows 9 % after warm-up":
+        assert problems[0].startswith("digits worker 1 (pid 11): RSS grew +8.96 %"), problems
+
+
+def test_a_soak_that_measured_nothing_does_not_pass() -> None:
+    summary = {"rss": {"warm_from_s": 0.0, "processes": {}}, "models": {}}
+    assert soak.verdict(summary) == ["no process had two RSS samples after warm-up"]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_a_short_soak_writes_its_json_plot_and_table(tmp_path: Path) -> None:
+def test_a_short_soak_passes_and_writes_its_json_plot_and_table(tmp_path: Path) -> None:
     built_archive("digits")
-    soak.main(["--digits-requests", "600", "--resnet18-requests", "0", "--interval", "0.2", "--out", str(tmp_path)])
+    code = soak.main(["--digits-requests", "600", "--resnet18-requests", "0", "--interval", "0.2",
+                      "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "soak.json").read_text())
+    assert code == 0, (soak.verdict(summary), (tmp_path / "soak.md").read_text())
+    assert summary["max_growth_pct"] <= soak.GOAL_PCT
     assert summary["models"]["digits"] == {**summary["models"]["digits"], "requests": 600, "failed": 0}
     processes = summary["rss"]["processes"]
     assert "frontend" in processes and len([p for p in processes if p.startswith("digits/")]) == 2

@@ -1,8 +1,8 @@
 """Single-host throughput as measured by `make bench`, and what one Kubernetes replica can be asked to carry.
 
-The figures come from `reports/bench/NAME/bench.json` when a bench has been run in this tree, else from the
-committed `docs/benchmarks.md` (rendered from those same reports). A model measured in neither gets the
-fallback below, marked as such wherever it is used.
+The figures come from the committed summary of `make bench MODEL=NAME`, `docs/data/bench-NAME.json` (the same
+file docs/benchmarks.md and docs/scaling.md are rendered from), never from the rendered pages. A model without
+one gets the fallback below, marked as such, with the missing file named, wherever it is used.
 
 The rule (written out for each model in the bundle's DERIVATION.md by `tsforge.kserve`):
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,83 +86,63 @@ def _round_memory(mb: float) -> int:
     return int(math.ceil(mib / MEMORY_STEP_MIB) * MEMORY_STEP_MIB)
 
 
+class MissingMeasurement(LookupError):
+    """No committed `make bench` summary for a model."""
+
+
+def data_file(model: str, root: Path) -> Path:
+    """Where `make bench MODEL=model` commits its summary."""
+    return root / "docs" / "data" / f"bench-{model}.json"
+
+
+def _shown(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _level(row: dict[str, Any]) -> Level:
+    server = row.get("server") or {}
+    rss = [(server.get(part) or {}).get("peak_rss_mb") for part in ("frontend", "workers")]
+    total = sum(float(r) for r in rss if r is not None) if all(r is not None for r in rss) else None
+    return Level(int(row["level"]), float(row["qps"]), float(row["latency_ms"]["p99"]), server.get("cpu_percent"),
+                 total)
+
+
 def from_bench_json(path: Path, root: Path) -> Measurement:
-    """One `make bench` report (reports/bench/NAME/bench.json): the tsforge rows."""
-    result: dict[str, Any] = json.loads(path.read_text())
-    levels = []
-    for row in result["rows"]:
-        if row["target"] != "tsforge" or not row.get("qps"):
-            continue
-        server = row.get("server") or {}
-        rss = [(server.get(part) or {}).get("peak_rss_mb") for part in ("frontend", "workers")]
-        total = sum(float(r) for r in rss if r is not None) if all(r is not None for r in rss) else None
-        levels.append(Level(int(row["level"]), float(row["qps"]), float(row["latency_ms"]["p99"]),
-                            server.get("cpu_percent"), total))
-    machine = result.get("machine") or {}
-    source = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-    return Measurement(result["model"], source, str(result.get("created", "?")), machine.get("cores"),
-                       f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores", tuple(levels))
-
-
-_SECTION = re.compile(r"^### (?P<model>[A-Za-z0-9_]+): ")
-_RUN = re.compile(r"^Run (?P<run>\S+?),")
-_MACHINE = re.compile(r"^Machine: (?P<cpu>[^,]+), (?P<cores>\d+) cores")
-_ROW = re.compile(r"^\| tsforge handler on TorchServe \|")
-
-
-def _number(cell: str) -> float | None:
+    """One `make bench` summary (docs/data/bench-NAME.json): its tsforge rows, the machine it ran on."""
     try:
-        return float(cell.replace(",", ""))
-    except ValueError:
-        return None
+        result: dict[str, Any] = json.loads(path.read_text())
+        rows = [row for row in result["rows"] if row["target"] == "tsforge" and row.get("qps")]
+        levels = tuple(sorted((_level(row) for row in rows), key=lambda level: level.concurrency))
+        model = str(result["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{_shown(path, root)} is not a `make bench` summary: {exc!r}") from exc
+    machine = result.get("machine") or {}
+    return Measurement(model, _shown(path, root), str(result.get("created", "?")), machine.get("cores"),
+                       f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores", levels)
 
 
-def from_markdown(path: Path, root: Path) -> dict[str, Measurement]:
-    """The `make bench` sections ("Side by side") of docs/benchmarks.md, by model."""
+def load(model: str, root: Path) -> Measurement:
+    """`model`'s measurement; MissingMeasurement names the file and the command that writes it."""
+    path = data_file(model, root)
+    if not path.is_file():
+        raise MissingMeasurement(f"{model}: no measurement, {_shown(path, root)} is missing "
+                                 f"(`make bench MODEL={model}` writes it)")
+    measurement = from_bench_json(path, root)
+    if measurement.model != model:
+        raise ValueError(f"{_shown(path, root)} holds a bench of {measurement.model}, not of {model}")
+    if not measurement.levels:
+        raise MissingMeasurement(f"{model}: {_shown(path, root)} has no tsforge row with correct answers")
+    return measurement
+
+
+def measurements(root: Path, directory: Path | None = None) -> dict[str, Measurement]:
+    """Every model with a committed summary (in root's docs/data/, or `directory`). Only `bench-NAME.json` of a
+    bench of NAME counts: other names hold other runs (`bench-resnet18-matrix.json`: every variant pinned, not the
+    archive as shipped)."""
     found: dict[str, Measurement] = {}
-    model = run = machine = ""
-    cores: int | None = None
-    levels: list[Level] = []
-
-    def close() -> None:
-        if model and levels:
-            found[model] = Measurement(model, str(path.relative_to(root)), run, cores, machine, tuple(levels))
-
-    in_bench = False
-    for line in path.read_text().splitlines():
-        if line.startswith("## "):
-            close()
-            model, levels = "", []
-            in_bench = line.startswith("## Side by side")
-            continue
-        if not in_bench:
-            continue
-        if match := _SECTION.match(line):
-            close()
-            model, run, machine, cores, levels = match["model"], "", "", None, []
-        elif match := _RUN.match(line):
-            run = match["run"]
-        elif match := _MACHINE.match(line):
-            machine, cores = f"{match['cpu']}, {match['cores']} cores", int(match["cores"])
-        elif _ROW.match(line):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            rss = [_number(part) for part in cells[10].split("/")]
-            levels.append(Level(int(cells[1]), float(cells[2]), float(cells[5]), _number(cells[9]),
-                                sum(r for r in rss if r is not None) if all(r is not None for r in rss) else None))
-    close()
-    return found
-
-
-def measurements(root: Path) -> dict[str, Measurement]:
-    """Every measured model: bench reports in this tree win over the committed docs/benchmarks.md."""
-    found: dict[str, Measurement] = {}
-    doc = root / "docs" / "benchmarks.md"
-    if doc.is_file():
-        found.update(from_markdown(doc, root))
-    for report in sorted((root / "reports" / "bench").glob("*/bench.json")):
-        measurement = from_bench_json(report, root)
-        # `make bench MODEL=NAME` writes reports/bench/NAME; other folders hold other runs (--matrix, ...).
-        if measurement.levels and report.parent.name == measurement.model:
+    for path in sorted((directory or data_file("*", root).parent).glob("bench-*.json")):
+        measurement = from_bench_json(path, root)
+        if path.name == data_file(measurement.model, root).name and measurement.levels:
             found[measurement.model] = measurement
     return found
 
@@ -186,6 +165,6 @@ def size(model: str, workers: int, batch_size: int, measured: dict[str, Measurem
     rss = heaviest.knee.rss_mb if heaviest else None
     memory = _round_memory(rss) if rss else FALLBACK_MEMORY_MIB
     basis = f"CPU and memory of {heaviest.model}, the largest measured" if heaviest else "default CPU and memory"
-    reason = (f"not measured (fallback): target = maxWorkers {workers} x batchSize {batch_size}; {basis}; "
-              "capacity unknown until `make bench MODEL=" + model + "` is run")
+    reason = (f"not measured (fallback; no docs/data/bench-{model}.json): target = maxWorkers {workers} x batchSize "
+              f"{batch_size}; {basis}; capacity unknown until `make bench MODEL={model}` is run")
     return Sizing(model, None, max(1, workers * batch_size), None, cores, memory, reason)

@@ -261,9 +261,9 @@ def derivation(archives: list[Archive], sizings: dict[str, capacity.Sizing], max
     lines = [
         "# How the InferenceServices are sized (written by `python -m tsforge.kserve`)",
         "",
-        "Every figure comes from `make bench` (single host, closed loop of N clients, only correct answers count):",
-        "`reports/bench/NAME/bench.json` when present in the tree that wrote this bundle, else the committed",
-        "`docs/benchmarks.md`. The rule, from `tsforge/capacity.py`:",
+        "Every figure comes from `make bench` (single host, closed loop of N clients, only correct answers count),",
+        "as committed in `docs/data/bench-NAME.json` (the file named in the source column). The rule, from",
+        "`tsforge/capacity.py`:",
         "",
         f"- **target concurrency** (`scaleMetric: concurrency`, `scaleTarget`): the smallest measured concurrency "
         f"whose throughput reaches {capacity.KNEE_SHARE:.0%} of the best measured one; past it more requests in "
@@ -353,6 +353,21 @@ def select_archives(store: Path, models: list[str] | None) -> list[Archive]:
     return [a for a in archives if a.path.stem == a.name]
 
 
+def measured_for(archives: list[Archive], required: bool) -> dict[str, capacity.Measurement]:
+    """The committed measurements; each archive without one is named (an error when `required`)."""
+    measured = capacity.measurements(ROOT)
+    for archive in archives:
+        if archive.name in measured:
+            continue
+        try:
+            capacity.load(archive.name, ROOT)
+        except capacity.MissingMeasurement as exc:
+            if required:
+                raise SystemExit(f"{exc}; --require-measured refuses the fallback") from exc
+            print(f"note: {exc}; sized by the fallback (DERIVATION.md)", file=sys.stderr)
+    return measured
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tsforge.kserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,12 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default=f"tsforge-torchserve:{project_version()}",
                         help="the serving image built from deploy/Dockerfile, without the -cpu/-gpu suffix")
     parser.add_argument("--max-replicas", type=int, default=8)
+    parser.add_argument("--require-measured", action="store_true",
+                        help="fail when a model has no committed bench summary, instead of sizing it by the fallback")
     args = parser.parse_args(argv)
     archives = select_archives(args.store, args.models)
     if not archives:
         print(f"no archives in {args.store} (make archive)", file=sys.stderr)
         return 1
-    measured = capacity.measurements(ROOT)
+    measured = measured_for(archives, args.require_measured)
     written = write_bundle(args.out, archives, args.storage_uri, args.image, args.max_replicas, measured)
     for path in written:
         print(path.relative_to(args.out) if path.is_relative_to(args.out) else path)

@@ -219,6 +219,7 @@ class TorchServe:
     overrides: Mapping[str, str] = field(default_factory=dict)
     snapshots: bool = False
     log_config: Path | None = LOG_CONFIG
+    env: Mapping[str, str] = field(default_factory=dict)  # added to the process environment (e.g. TSFORGE_CACHE_DIR)
 
     def __post_init__(self) -> None:
         # TorchServe runs inside run_dir, so every path handed to it must be absolute.
@@ -314,6 +315,7 @@ class TorchServe:
             "TEMP": str(temp),  # TorchServe passes it on as java.io.tmpdir: the frontend's side of the sockets
             "LOG_LOCATION": str(self.run_dir / "logs"),
             "METRICS_LOCATION": str(self.run_dir / "logs"),
+            **self.env,
         }
         self._watch = StartupWatch(self.run_dir / "logs")
         try:

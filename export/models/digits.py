@@ -90,6 +90,8 @@ def train() -> PreparedModel:
         metrics={"test_accuracy": round(accuracy, 4), "test_images": float(len(y_test))},
         calibration=(xs[:512],),
         quality=quality,
+        heldout=[{"data": base64.b64encode(png(img)).decode()} for img in x_test],
+        heldout_about=f"the {len(x_test)} held-out digits of the fixed split, as PNG",
     )
 
 
@@ -109,6 +111,8 @@ def examples(images: np.ndarray, labels: np.ndarray) -> bytes:
 
 
 MAX_ACCURACY_DROP_PP = 0.5
+#: the share of held-out digits on which a served variant must give fp32's label, on the serving machine
+MIN_TOP1_AGREEMENT = 0.99
 
 
 def int8_bound(metrics: dict[str, float]) -> tuple[bool, str]:
@@ -124,4 +128,5 @@ SPEC = ModelSpec(
     description="CNN on scikit-learn's 8x8 digits (the default model)",
     variants=("int8", "onnx", "onnx-int8", "aotinductor"),
     int8_bound=int8_bound,
+    accuracy=("top1_agreement", MIN_TOP1_AGREEMENT),
 )

@@ -20,6 +20,9 @@ def prepare() -> PreparedModel:
              for i in range(3)]
     prepared.labels = None  # tensors in, logits out: no label file
     prepared.extra_files = {"examples.json": json.dumps(cases).encode()}
+    arrays = digits.to_tensor(x_test).numpy().round(6)  # k/255 to 6 places: the same input for fp32 and variant
+    prepared.heldout = [{"data": array.tolist()} for array in arrays]
+    prepared.heldout_about = f"the {len(x_test)} held-out digits of the fixed split, as [1, 8, 8] arrays"
     return prepared
 
 
@@ -28,5 +31,6 @@ SPEC = ModelSpec(
     revision=1,
     factory=prepare,
     handler="handlers/tensor_handler.py",
+    accuracy=("top1_agreement", digits.MIN_TOP1_AGREEMENT),
     description="the digits CNN as a raw tensor model (logits out) for the generic tensor handler",
 )

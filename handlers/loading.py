@@ -1,0 +1,167 @@
+"""How a handler loads its model: the variant of the archive's export that serves fastest here among those
+that keep the model's accuracy bound on this machine.
+
+`VariantLoading.load_model` reads the archive's exports (`handlers.runtimes`), lists the candidates this
+device runs (`handlers.autoselect`), reuses the decision another worker of this archive made on this
+machine or measures one: each candidate timed on the archive's example inputs, then checked, in order of
+preference, on its held-out inputs against fp32 TorchScript (`handlers.accuracy`). A mixin of `BatchHandler`:
+it calls the handler's own hooks (decode, prepare_batch, collate, infer), so the check sees what clients get.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handlers import accuracy, autoselect, provenance, runtimes
+from handlers.capabilities import detect, fingerprint
+from handlers.errors import RequestError
+from handlers.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class VariantLoading:
+    """The model-loading half of a handler; the handler provides the attributes and hooks declared here."""
+
+    context: Any
+    model_dir: Path
+    device: torch.device
+    settings: autoselect.Settings
+    channels_last: bool
+    batch_size: int
+    telemetry: Telemetry
+    selection: dict[str, Any]
+
+    def decode_request(self, payload: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def prepare_batch(self, items: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def infer(self, batch: Any) -> Any:
+        raise NotImplementedError
+
+    def discrepancy(self, reference: torch.Tensor, output: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def sample_inputs(self) -> tuple[torch.Tensor, ...] | None:
+        raise NotImplementedError
+
+    def load_model(self) -> runtimes.Runner:
+        """The runner of the variant this worker serves: named in the config, or measured (`auto`) on the
+        archive's example inputs; either way checked on its held-out inputs against fp32 on this machine
+        (`handlers.accuracy`). The choice, its timings and figures go to the model log and to `describe`."""
+        serialized = ((self.context.manifest or {}).get("model") or {}).get("serializedFile")
+        if not serialized:
+            raise RuntimeError("the archive has no serialized model file")
+        artefacts = runtimes.Artefacts.read(self.model_dir, serialized)
+        capabilities = detect(self.device)
+        variants = autoselect.candidates(self.settings, capabilities, artefacts)
+        if not variants:
+            raise ValueError(f"no variant of this archive runs on {capabilities.name} with backend="
+                             f"{self.settings.backend}, precision={self.settings.precision}; the archive has "
+                             f"{', '.join(['torchscript', *artefacts.extra]) or 'no model file'}")
+        load = functools.partial(runtimes.load, artefacts=artefacts, device=self.device,
+                                 channels_last=self.channels_last, cast=self.settings.cast)
+        if variants == [autoselect.REFERENCE]:  # fp32 TorchScript is what the others are checked against
+            runner, decided = load(variants[0]), {"variant": variants[0].name, **variants[0].to_json(),
+                                                  "reason": "the only candidate for these settings here"}
+        else:
+            runner, decided = self._measure_or_reuse(variants, load)
+        self.selection = {"capabilities": capabilities.to_json(), "candidates": [v.name for v in variants],
+                          **decided}
+        if decided.get("below_bound"):
+            log.warning("serving %s below its accuracy bound (handler.accept_lower_accuracy): %s",
+                        decided["variant"], decided.get("accuracy"))
+        self.telemetry.accuracy(decided.get("accuracy"))
+        log.info("serving %s: %s", self.selection["variant"], json.dumps(self.selection))
+        return runner
+
+    def _measure_or_reuse(self, variants: list[runtimes.Variant],
+                          load: Callable[[runtimes.Variant], runtimes.Runner]
+                          ) -> tuple[runtimes.Runner, dict[str, Any]]:
+        """Reuse the decision of a worker of this archive on this machine, or measure and record it."""
+        record = (self.model_dir / provenance.VERSION_FILE).read_bytes()  # binds the key to these exact files
+        key = json.dumps([hashlib.sha256(record).hexdigest(), str(self.device), torch.get_num_threads(),
+                          self.batch_size, repr(self.settings), [v.name for v in variants],
+                          fingerprint(self.device)], sort_keys=True)
+        with autoselect.shared_decision(key) as shared:
+            known = autoselect.remembered(shared)
+            if known is not None and known in variants:
+                decided = json.loads(shared.read_text())
+                return load(known), {**decided, "reason": f"measured by worker {decided.get('pid')}: "
+                                                          f"{decided.get('reason')}"}
+            choice, runner = self._decide(variants, load)
+            autoselect.remember(shared, choice)
+            return runner, choice.to_json()
+
+    def _decide(self, variants: list[runtimes.Variant], load: Callable[[runtimes.Variant], runtimes.Runner]
+                ) -> tuple[autoselect.Choice, runtimes.Runner]:
+        started = time.perf_counter()
+        reference = load(autoselect.REFERENCE)
+        check = self.accuracy_check(reference)
+        inputs = self.sample_inputs()
+        if len(variants) == 1:
+            runner = reference if variants[0] == autoselect.REFERENCE else load(variants[0])
+            trial = autoselect.Trial(variants[0], runner=runner)
+            choice = autoselect.only(trial, self.settings, check)
+        elif inputs is None:  # nothing to time on: the candidates in order, the first within the bound
+            trials = [autoselect.Trial(v, seconds=1.0, discrepancy=0.0, runner=load(v)) for v in variants]
+            choice = autoselect.choose(trials, self.settings, check, 0)
+            choice.reason = "no example inputs in the archive to time on; " + choice.reason
+        else:
+            trials = autoselect.run_trials(variants, load, inputs, self.discrepancy, reference)
+            choice = autoselect.choose(trials, self.settings, check, self.batch_size)
+        served = next(t.runner for t in choice.trials if t.variant == choice.variant)
+        assert served is not None
+        log.info("chose %s in %.2fs", choice.variant.name, time.perf_counter() - started)
+        return choice, served
+
+    def accuracy_check(self, reference: runtimes.Runner) -> autoselect.Check | None:
+        """The held-out check of a runner: the archive's `heldout.json` inputs through this handler's own
+        decode, batching and `infer`, compared with fp32 TorchScript's answers (computed once)."""
+        heldout = accuracy.HeldOut.read(self.model_dir, self.settings.accuracy_bound)
+        if heldout is None:
+            return None
+        batches = self._heldout_batches(heldout.inputs)
+        expected = self._outputs(reference, batches)
+
+        def check(runner: runtimes.Runner) -> accuracy.Verdict:
+            return heldout.verdict(expected, self._outputs(runner, batches))
+
+        return check
+
+    def _heldout_batches(self, payloads: list[Any]) -> list[Any]:
+        items: list[Any] = []
+        for payload in payloads:
+            items.extend(self.decode_request(payload))
+        prepared = self.prepare_batch(items)
+        failed = next((item for item in prepared if isinstance(item, RequestError)), None)
+        if failed is not None:
+            raise ValueError(f"a held-out input of this archive is refused by its own handler: {failed.message}")
+        size = max(1, self.batch_size)
+        return [self.collate(prepared[i : i + size]) for i in range(0, len(prepared), size)]
+
+    def _outputs(self, runner: runtimes.Runner, batches: list[Any]) -> torch.Tensor:
+        """What `infer` returns for each batch with `runner` as the model, as one float tensor of rows."""
+        served = self.__dict__.get("model")
+        self.model = runner
+        try:
+            with torch.inference_mode():
+                rows = [torch.stack(list(out)) if isinstance(out := self.infer(batch), (list, tuple)) else out
+                        for batch in batches]
+        finally:
+            self.__dict__["model"] = served
+        return torch.cat([r.float().cpu() for r in rows])

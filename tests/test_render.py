@@ -1,0 +1,157 @@
+"""docs/benchmarks.md and docs/scaling.md are rendered from the committed JSON (docs/data/), never from markdown:
+rendered here from small fixture summaries in the schema loadtest/bench.py, tune.py and front_cost.py write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest import render
+from loadtest.bench import SCHEMA
+from tests.conftest import ROOT
+
+PNG = b"\x89PNG\r\n\x1a\n"
+MACHINE = {"cpu": "Fixture EPYC 9999", "cores": 2, "cpu_flags": ["avx512_vnni", "avx512_f", "avx2"],
+           "memory_gb": 16.0, "gpu": None, "python": "3.11.7", "torch": "2.14.1", "onnxruntime": "1.23.0",
+           "torchserve": "0.12.0", "os": "Linux 6.1", "date": "2026-11-27"}
+
+
+def row(target: str, level: int, qps: float, p99: float, **extra: Any) -> dict[str, Any]:
+    return {"target": target, "level": level, "qps": qps, "success_rate": 1.0, "requests": int(qps * 20),
+            "latency_ms": {"mean": p99 / 2, "p50": p99 / 2, "p95": p99 * 0.9, "p99": p99},
+            "server": {"cpu_percent": 190.0, "frontend": {"peak_rss_mb": 300.0}, "workers": {"peak_rss_mb": 900.0}},
+            **extra}
+
+
+def bench_summary(model: str = "resnet18", qps: float = 150.0) -> dict[str, Any]:
+    stock = {"workers": 2, "batch_size": 8, "max_batch_delay": 5}
+    rows = [row("tsforge", 1, qps / 3, 40.0), row("tsforge", 16, qps, 200.0),
+            row("stock", 1, 20.0, 60.0, setting=stock), row("stock", 16, 45.0, 700.0, setting=stock),
+            row("flask", 1, 25.0, 50.0), row("flask", 16, 48.0, 450.0)]
+    return {
+        "schema": SCHEMA, "model": model, "created": "2026-11-27T06:00:00+00:00", "machine": MACHINE,
+        "command": f"python -m loadtest.bench --model {model} --levels 1,16", "levels": [1, 16], "duration_s": 20.0,
+        "warmup_s": 10.0, "payloads": {"count": 26, "kinds": ["image/jpeg"], "mean_bytes": 69039},
+        "model_config": {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5,
+                         "handler": {"precision": "auto", "threads": 1}},
+        "rows": rows,
+        "comparison": {"level": 16, "tsforge": {"qps": qps, "p50_ms": 100.0, "p99_ms": 200.0, "success_rate": 1.0},
+                       "stock_best": {"qps": 45.0, "p50_ms": 350.0, "p99_ms": 700.0, "success_rate": 1.0,
+                                      "setting": stock},
+                       "vs_stock_best": round(qps / 45.0, 2), "p99_below_stock_best": True,
+                       "flask": {"qps": 48.0, "p50_ms": 225.0, "p99_ms": 450.0, "success_rate": 1.0},
+                       "vs_flask": round(qps / 48.0, 2), "p99_below_flask": True,
+                       "ceiling_items_per_s": 140.0, "share_of_ceiling": round(qps / 140.0, 3)},
+        "stock_sweep": {"level": 16, "duration_s": 8.0, "warmup_s": 5.0, "best": "2x8", "settings": [
+            {"workers": 1, "batch_size": 1, "qps": 28.0, "p99_ms": 780.0, "success_rate": 1.0},
+            {"workers": 2, "batch_size": 8, "qps": 44.0, "p99_ms": 690.0, "success_rate": 1.0},
+            {"workers": 2, "batch_size": 1, "error": "the worker died\nOOM"}]},
+        "ceiling": {"batch_size": 8, "handler_items_per_s": 140.0, "model_items_per_s": 210.0, "threads": 2},
+        "selection": {}, "matrix": None, "notes": [], "raw_report": "reports/bench/resnet18/bench.json",
+        "wall_s": 500.0,
+    }
+
+
+def tune_summary() -> dict[str, Any]:
+    setting = {"workers": 2, "batch_size": 8, "max_batch_delay": 5, "threads": 1}
+    best = {**row("tsforge", 16, 3000.0, 40.0), "setting": setting, "feasible": True}
+    return {"schema": "tsforge.tune/1", "model": "digits", "p99_ms": 50.0, "users": 16, "trial_s": 5.0,
+            "warmup_s": 20.0, "grid_size": 4, "trials": [best], "best": best,
+            "written": "reports/tune/digits/model-config.yaml", "ceiling": {"batch_size": 8,
+                                                                           "handler_items_per_s": 5000.0},
+            "command": "python -m loadtest.tune --model digits", "machine": MACHINE, "wall_s": 60.0,
+            "created": "2026-11-27T07:00:00+00:00"}
+
+
+def front_summary() -> dict[str, Any]:
+    paths = {"direct": {"req_per_s": 130.0, "p50_ms": 100.0, "p99_ms": 200.0, "failed": 0},
+             "front": {"req_per_s": 129.0, "p50_ms": 101.0, "p99_ms": 210.0, "failed": 0, "ratio": 0.99},
+             "front_binary": {"req_per_s": 110.0, "p50_ms": 120.0, "p99_ms": 250.0, "failed": 0, "ratio": 0.85}}
+    return {"schema": "tsforge.front-cost/1", "models": {"resnet18": {**paths, "ratio": 0.99}}, "users": 16,
+            "duration_s": 20.0, "rounds": 2, "machine": MACHINE, "created": "2026-11-27T08:00:00+00:00",
+            "command": "python -m loadtest.front_cost"}
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A data folder with the three kinds of committed JSON and a copy of docs/scaling.md."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "bench-resnet18.json").write_text(json.dumps(bench_summary()))
+    (data / "bench-resnet18-matrix.json").write_text(json.dumps(bench_summary(qps=99.0)))  # not the sizing's
+    (data / "tune-digits.json").write_text(json.dumps(tune_summary()))
+    (data / "front-cost.json").write_text(json.dumps(front_summary()))
+    shutil.copy(ROOT / "docs" / "scaling.md", tmp_path / "scaling.md")
+    return tmp_path
+
+
+def rendered(tree: Path) -> tuple[str, str]:
+    assert render.main(["--data", str(tree / "data"), "--out", str(tree / "benchmarks.md"),
+                        "--scaling", str(tree / "scaling.md")]) == 0
+    return (tree / "benchmarks.md").read_text(), (tree / "scaling.md").read_text()
+
+
+def test_every_table_names_its_json_and_the_machine_comes_from_it(tree: Path) -> None:
+    page, _ = rendered(tree)
+    data = tree / "data"
+    for name in ("bench-resnet18.json", "bench-resnet18-matrix.json", "tune-digits.json", "front-cost.json"):
+        assert f"Data: `{data / name}`" in page, name
+    assert page.count("Fixture EPYC 9999, 2 cores (CPU flags: avx512_vnni, avx512_f, avx2)") >= 4
+    assert "ONNX Runtime 1.23.0, TorchServe 0.12.0, Linux 6.1; 2026-11-27" in page
+    assert (data / "bench-resnet18.png").read_bytes()[:8] == PNG  # the plot beside its JSON, linked from the page
+    assert f"![resnet18: throughput vs P99]({data.relative_to(tree)}/bench-resnet18.png)" in page
+
+
+def test_the_side_by_side_shows_the_stock_handlers_best_setting_and_the_ratios(tree: Path) -> None:
+    page, _ = rendered(tree)
+    assert "### resnet18 side by side at concurrency 16 (one run)" in page
+    assert ("| TorchServe stock handler at its best setting (2 workers x batch 8) | 45.0 | 350.0 | 700.0 | 3.33x "
+            "| yes |") in page
+    assert "| Flask, per-request fp32 | 48.0 | 225.0 | 450.0 | 3.12x | yes |" in page
+    assert "| in-process ceiling (decode + infer + encode, no server) | 140.0 items/s |" in page
+    assert "| TorchServe stock handler, best setting (2 workers x batch 8) | 16 | 45.0 |" in page
+    assert "| 2 x 8 (best) | 44.0 | 690.0 | 100.0% |" in page and "| 2 x 1 | does not run: OOM |" in page
+    goal = "resnet18: tsforge >= 3x TorchServe stock handler at its best setting at concurrency 16, lower P99"
+    assert f"| {goal} | 3.33x, P99 200.0 vs 700.0 ms | yes | `{tree / 'data' / 'bench-resnet18.json'}` |" in page
+    assert "| 0.99 |" in page and "## The v2 front's cost" in page  # front-cost.json
+    assert "| 1 | 2 | 8 | 5 | 1 | 3000.0 |" in page  # tune-digits.json
+
+
+def test_scaling_is_rendered_from_the_same_json_the_sizing_reads(tree: Path) -> None:
+    _, scaling = rendered(tree)
+    before, block = scaling.split(render.SCALING_BEGIN)
+    block, after = block.split(render.SCALING_END)
+    original = (ROOT / "docs" / "scaling.md").read_text()
+    assert original.startswith(before) and original.endswith(after)  # the prose around the block is kept
+    # capacity's rule on the fixture: 150 req/s at 16 is the best, 50 at 1 is under 90 % of it
+    source = tree / "data" / "bench-resnet18.json"
+    assert f"| resnet18 | 16 | 150.0 req/s | 200.0 ms | 2 cores / 1536 MiB | `{source}` |" in block
+    assert "| 1,000 req/s | 10 (20) |" in block  # ceil(1000 / (0.7 x 150)) = 10 replicas of 2 cores
+    assert "1000 / (0.7 x 150.0) = 9.5, so 10 replicas" in block and "69,039 bytes on average" in block
+    assert "Fixture EPYC 9999" in block and "99.0" not in block  # bench-resnet18-matrix.json is another run
+    # the data changes, the page follows: nothing to keep in step by hand
+    (tree / "data" / "bench-resnet18.json").write_text(json.dumps(bench_summary(qps=300.0)))
+    _, again = rendered(tree)
+    assert "| resnet18 | 16 | 300.0 req/s |" in again and again.count(render.SCALING_BEGIN) == 1
+
+
+def test_scaling_without_data_says_so_and_a_page_without_the_block_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / "docs" / "scaling.md", tmp_path / "scaling.md")
+    _, scaling = rendered(tmp_path)
+    assert "No committed `make bench` summary" in scaling and "req/s |" not in scaling.split(render.SCALING_END)[0]
+    (tmp_path / "scaling.md").write_text("# hand-written\n")
+    with pytest.raises(SystemExit, match="no generated block"):
+        rendered(tmp_path)
+
+
+def test_the_committed_scaling_page_is_what_the_committed_data_renders(tmp_path: Path) -> None:
+    """docs/scaling.md cannot drift from docs/data/: `make benchmarks-doc` after each bench keeps them equal."""
+    shutil.copy(ROOT / "docs" / "scaling.md", tmp_path / "scaling.md")
+    data = ROOT / "docs" / "data"
+    render.render_scaling(tmp_path / "scaling.md", render.read_reports(list(data.glob("bench-*.json"))), data)
+    assert (tmp_path / "scaling.md").read_text() == (ROOT / "docs" / "scaling.md").read_text()
