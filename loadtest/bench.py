@@ -275,7 +275,7 @@ def comparison(rows: list[dict[str, Any]], levels: list[int],
 
 def _compact_selection(described: dict[str, Any]) -> dict[str, Any]:
     """The handler's description of its choice, without what only a debugging session needs."""
-    keys = ("variant", "backend", "precision", "fusion", "measured", "reason")
+    keys = ("variant", "backend", "precision", "fusion", "measured", "reason", "accuracy", "below_bound")
     kept: dict[str, Any] = {k: described[k] for k in keys if k in described}
     if "capabilities" in described:
         kept["capabilities"] = {k: v for k, v in described["capabilities"].items() if k in ("device", "flags")}
