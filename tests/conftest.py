@@ -72,36 +72,52 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return load_split()
 
 
+#: every TorchServe the tests started, and whether it serves the whole session (else only its module)
+_STARTED: list[tuple[TorchServe, bool]] = []
+
+
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
-    """Start a real TorchServe on free loopback ports; every one started is stopped at the end.
+    """Start a real TorchServe on free loopback ports. It is stopped when the test module that started it ends
+    (the suite's servers together would not fit the machine's memory), or at the end of the session with
+    `session=True`; whatever is left is stopped at the end, and none may outlive the tests.
 
     Each gets its own empty `auto` choice cache (`server.env[CACHE_ENV]`), so its first worker measures the
     candidates for real instead of reusing a choice another server (or an earlier run) recorded."""
-    servers: list[TorchServe] = []
 
     def start(models: Sequence[str], *, store: Path = STORE, config: Path = DEV_CONFIG,
               overrides: dict[str, str] | None = None, snapshots: bool = False,
-              run_dir: Path | None = None, wait: bool = True, cache_dir: Path | None = None) -> TorchServe:
+              run_dir: Path | None = None, wait: bool = True, cache_dir: Path | None = None,
+              session: bool = False) -> TorchServe:
         cache = cache_dir or tmp_path_factory.mktemp("choice_cache")
         server = TorchServe(config=config, run_dir=run_dir or tmp_path_factory.mktemp("torchserve"),
                             model_store=store, models=model_args(models),
                             overrides={**free_port_overrides(), **(overrides or {})}, snapshots=snapshots,
                             env={CACHE_ENV: str(cache)})
-        servers.append(server)
+        _STARTED.append((server, session))
         server.start()
         if wait:
             server.wait_ready(list(models), timeout=240)
         return server
 
     yield start
-    for server in servers:
+    for server, _ in _STARTED:
         server.stop()
-    leaked = [str(server.run_dir) for server in servers if server.alive()]
+    leaked = [str(server.run_dir) for server, _ in _STARTED if server.alive()]
     assert not leaked, f"TorchServe processes outlived the tests: {leaked}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def servers_stop_with_their_module() -> Iterator[None]:
+    """Stop the servers a module started once its last test (and fixture) is done, unless they serve the session."""
+    first = len(_STARTED)
+    yield
+    for server, session in _STARTED[first:]:
+        if not session:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
 def digits_server(start_server: StartServer) -> TorchServe:
     built_archive("digits")
-    return start_server(["digits"])
+    return start_server(["digits"], session=True)

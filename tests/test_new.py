@@ -16,8 +16,8 @@ import requests
 import torch
 
 from export.models.resnet import imagenet_tensor, jpeg, real_inputs, sample_photos
+from export.sources import Source
 from tests.conftest import ROOT, StartServer
-from tsforge.new import Source
 
 pytestmark = pytest.mark.integration
 
