@@ -39,7 +39,9 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torchvision 0.29.1 needs exactly torch 2.14.1 (it runs on CPU and GPU alike).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,loadtest]'
+	# Every extra: the examples (MiniLM), the v2 front (kserve), ONNX, load tests, plots, and the test tools;
+	# `pip install .` alone serves your own model (pyproject.toml lists what each extra is for).
+	$(PY) -m pip install -q -e '.[dev,loadtest,plots,examples,front,onnx]'
 	touch $@
 
 export: $(MODELS:%=$(BUILD)/%/export.json) ## Trace MODELS to TorchScript with a parity check (build/NAME/)
@@ -141,7 +143,7 @@ tune: $(STORE)/$(MODEL).mar ## Sweep workers x batch x delay x threads under P99
 
 BENCH_STATUS ?=# a note shown atop docs/benchmarks.md: where and how its numbers were taken
 
-benchmarks-doc: | $(INSTALLED) ## Render docs/benchmarks.md and docs/scaling.md from docs/data/*.json (BENCH_STATUS=note)
+benchmarks-doc: | $(INSTALLED) ## Render docs/benchmarks.md and the generated blocks of docs/scaling.md and docs/reliability.md from docs/data/ (BENCH_STATUS=note)
 	$(PY) -m loadtest.render --data $(DATA) --status "$(BENCH_STATUS)"
 
 # ---- operations: versions, rollout, gRPC, Open Inference Protocol, metrics ----
@@ -234,6 +236,15 @@ SOAK_RESNET ?= 20000
 SOAK_ARGS   ?=# e.g. --interval 2 --digits-users 8
 
 .PHONY: soak
-soak: $(STORE)/digits.mar $(STORE)/resnet18.mar | $(INSTALLED) ## Soak digits and resnet18 (SOAK_DIGITS, SOAK_RESNET requests), RSS over time -> reports/soak/
+soak: $(STORE)/digits.mar $(STORE)/resnet18.mar | $(INSTALLED) ## Soak digits and resnet18 (SOAK_DIGITS, SOAK_RESNET requests), RSS over time -> reports/soak/, docs/data/soak.json
 	$(PY) -m tsforge soak --digits-requests $(SOAK_DIGITS) --resnet18-requests $(SOAK_RESNET) \
-		--store $(STORE) --out $(REPORTS)/soak $(SOAK_ARGS)
+		--store $(STORE) --out $(REPORTS)/soak --data $(DATA)/soak.json $(SOAK_ARGS)
+
+# The fault, flood and bad-input tests with their figures written to the committed data (each passing scenario
+# writes DATA/reliability/SCENARIO.json; alone, the tests write reports/reliability/); `make benchmarks-doc` then
+# renders them into docs/reliability.md.
+RELIABILITY_TESTS ?= tests/test_reliability.py tests/test_bad_input.py
+
+.PHONY: reliability-data
+reliability-data: $(ARCHIVES) ## Run the fault and bad-input tests, their figures -> docs/data/reliability/ (then make benchmarks-doc)
+	TSFORGE_RELIABILITY_DATA=$(DATA)/reliability $(PY) -m pytest $(RELIABILITY_TESTS) $(PYTEST_ARGS)

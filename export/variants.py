@@ -25,6 +25,7 @@ import torch
 
 from export.spec import ExportError, ModelSpec, PreparedModel
 from handlers import runtimes
+from tsforge import extras
 
 log = logging.getLogger(__name__)
 VARIANT_NAMES = ("int8", "onnx", "onnx-int8", "aotinductor")
@@ -135,7 +136,13 @@ def _dynamic_int8(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
     return quantized, len(chosen), len(layers)
 
 
+#: the subject of a missing `onnx` extra's message (tsforge/extras.py)
+ONNX_PURPOSE = "the ONNX export (variants onnx and onnx-int8)"
+
+
 def _onnx(prepared: PreparedModel, path: Path) -> dict[str, Any]:
+    extras.require("onnx", "onnx", ONNX_PURPOSE)  # torch.onnx.export writes the file with it
+    extras.require("onnxruntime", "onnx", ONNX_PURPOSE)  # the parity check runs it
     names = [f"input{i}" if len(prepared.example_inputs) > 1 else "input" for i in range(len(prepared.example_inputs))]
     axes: dict[str, dict[int, str]] = {}
     for name, tensor in zip(names, prepared.example_inputs, strict=True):
@@ -150,6 +157,8 @@ def _onnx(prepared: PreparedModel, path: Path) -> dict[str, Any]:
 def _onnx_int8(prepared: PreparedModel, source: Path, path: Path) -> dict[str, Any]:
     if not source.is_file():
         raise ExportError("onnx-int8 needs the onnx export first: list 'onnx' before it in the variants")
+    extras.require("onnxruntime", "onnx", ONNX_PURPOSE)
+    extras.require("onnx", "onnx", ONNX_PURPOSE)  # ONNX Runtime's quantization tools edit the graph with it
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -45,6 +45,7 @@ from loadtest.loadgen import load
 from loadtest.monitor import MetricsScraper, monitored
 from loadtest.payloads import Case
 from loadtest.serving import selection, torchserve
+from tsforge import extras
 from tsforge.project import ROOT
 from tsforge.server import free_port
 
@@ -83,6 +84,8 @@ def stock_archive(model: str, store: Path, setting: StockSetting = StockSetting(
     stock = STOCK_HANDLERS.get(Path(get(model).handler).name)
     if stock is None:
         return None
+    # TorchServe's stock handlers import captum in the worker: without it, the stock worker would never load
+    extras.need("captum", "loadtest", f"TorchServe's stock handler {stock} (bench target stock)")
     export_dir = ROOT / "build" / model
     store.mkdir(parents=True, exist_ok=True)
     config = store / "model-config.yaml"
@@ -371,6 +374,13 @@ def run_ceiling(mar: Path, cases: list[Case], batch: int, duration: float) -> di
 
 def run_all(args: argparse.Namespace, mar: Path, config: dict[str, Any]) -> dict[str, Any]:
     """Every target of the run, one after the other on this machine; the raw report's fields."""
+    # The extras the run needs, before any of it runs (one line naming the extra, not a failure at the end).
+    extras.need("matplotlib", "plots", "the plot bench.png")
+    if "flask" in args.targets:
+        extras.need("flask", "loadtest", "the Flask baseline (bench target flask)")
+    stock = STOCK_HANDLERS.get(Path(get(args.model).handler).name)
+    if "stock" in args.targets and stock:
+        extras.need("captum", "loadtest", f"TorchServe's stock handler {stock} (bench target stock)")
     # Raw bodies only: what every server accepts alike (stock handlers take no JSON envelopes).
     cases = [c for c in prepared_cases(args.model, mar, args.payload_count) if c.raw]
     # The stock handler and Flask run the plain fp32 export: their answers are checked against that.

@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flask import Flask, Response, request
 
 from loadtest.inprocess import LocalHandler, request_row
 from loadtest.payloads import Case
+from tsforge import extras
+
+#: the subject of a missing `loadtest` extra's message (tsforge/extras.py)
+PURPOSE = "the Flask baseline (bench target flask)"
+
+try:
+    from flask import Flask, Response, request
+except ImportError as exc:
+    raise extras.missing(exc, "loadtest", PURPOSE, "flask") from None
 
 NAIVE = {"precision": "fp32", "channels_last": False, "onednn_fusion": False}
 

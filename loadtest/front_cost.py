@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.payloads import Case, raw_cases
+from tsforge import extras
 from tsforge.project import ROOT
 
 
@@ -40,6 +41,8 @@ def binary_cases(model: str, cases: list[Case]) -> list[Case]:
     """The same requests in the v2 binary tensor extension, encoded by tritonclient (JSON answer asked for)."""
     import numpy as np
     import yaml
+
+    extras.require("tritonclient", "loadtest", "bench-front (the v2 binary requests)")
     from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 
     declared = yaml.safe_load((ROOT / "config" / "models" / f"{model}.yaml").read_text())["v2"]["outputs"]
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.serving import torchserve
     from tsforge import frontproc
 
+    # The extras the run needs, before TorchServe starts: one line naming the extra.
+    extras.need("kserve", "front", "bench-front (the v2 front)")
+    extras.need("tritonclient", "loadtest", "bench-front (the v2 binary requests)")
     models = [m for m in args.models.split(",") if m]
     results: dict[str, Any] = {}
     with torchserve(models, name="front-cost") as server:

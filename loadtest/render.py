@@ -1,5 +1,6 @@
 """Render the committed benchmark data (docs/data/*.json) as docs/benchmarks.md, its plots, and the measured
-part of docs/scaling.md. Nothing is read back out of markdown: every table names the JSON it comes from.
+parts of docs/scaling.md and docs/reliability.md (loadtest/render_reliability.py). Nothing is read back out of
+markdown: every table names the JSON it comes from.
 
     python -m loadtest.render                       # docs/data/ -> docs/benchmarks.md, docs/scaling.md
     python -m loadtest.render --data DIR --out PAGE.md --scaling SCALING.md
@@ -18,7 +19,7 @@ from typing import Any
 
 from loadtest import matrix
 from loadtest.report import shown
-from tsforge import capacity
+from tsforge import capacity, extras
 from tsforge.project import ROOT
 
 #: a report as rendered: where its JSON is (as the docs name it) and what it holds
@@ -189,6 +190,7 @@ def breakdown_markdown(result: dict[str, Any]) -> list[str]:
 
 
 def bench_plot(result: dict[str, Any], path: Path) -> Path:
+    extras.require("matplotlib", "plots", f"the plot {path.name}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--scaling", type=Path, default=ROOT / "docs" / "scaling.md",
                         help="the page whose generated block gets the per-replica sizing")
+    parser.add_argument("--reliability", type=Path, default=ROOT / "docs" / "reliability.md",
+                        help="the page whose generated block gets DATA/reliability/*.json, soak.json, startup.json")
     parser.add_argument("--status", default="", help="a note on where these numbers come from, shown at the top")
     parser.add_argument("--analysis", type=Path, default=ROOT / "docs" / "benchmarks-analysis.md",
                         help="hand-written reading of the numbers, included after the goals")
@@ -474,8 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(benchmarks_page(args, benches, tunes, fronts, startups))
     render_scaling(args.scaling, benches, args.data)
-    print(f"wrote {shown(args.out)} and {shown(args.scaling)} from {len(benches) + len(tunes) + len(fronts)} "
-          f"file(s) in {shown(args.data)}")
+    from loadtest import render_reliability  # it imports machine_line from here
+
+    render_reliability.render(args.reliability, args.data)
+    print(f"wrote {shown(args.out)}, {shown(args.scaling)} and {shown(args.reliability)} from "
+          f"{len(benches) + len(tunes) + len(fronts)} file(s) in {shown(args.data)}")
     return 0
 
 

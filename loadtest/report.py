@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tsforge import extras
+
 if TYPE_CHECKING:
     from loadtest.loadgen import LoadResult
 
@@ -229,6 +231,7 @@ def locust_timeline(history_csv: Path) -> list[dict[str, float]]:
 
 
 def plot(summary: dict[str, Any], rows: list[dict[str, float]], path: Path) -> Path:
+    extras.require("matplotlib", "plots", f"the plot {path.name}")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -28,6 +28,7 @@ from loadtest.loadgen import LoadResult, load
 from loadtest.monitor import MetricsScraper, monitored
 from loadtest.payloads import mislabel, save
 from loadtest.serving import torchserve
+from tsforge import extras
 from tsforge.project import ROOT
 from tsforge.server import TorchServe
 
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="default: reports/loadtest/MODEL-PROTOCOL")
     args = parser.parse_args(argv)
     tool = ("locust" if locust_available() else "loadgen") if args.tool == "auto" else args.tool
+    if tool == "locust":
+        extras.need("locust", "loadtest", "--tool locust")  # `auto` falls back on loadgen without it
     out = args.out or ROOT / "reports" / "loadtest" / f"{args.model}-{args.protocol}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

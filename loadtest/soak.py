@@ -5,7 +5,8 @@ of every worker sampled over time; reports the growth after warm-up (goal: at mo
     python -m loadtest.soak --digits-requests 500 --resnet18-requests 0 --out build/soak-smoke   # a quick check
 
 Starts its own TorchServe (development profile, free loopback ports) in <out>/serve and stops it at the end.
-Writes <out>/soak.json (every sample), soak.png (RSS over time) and soak.md (one row per process).
+Writes <out>/soak.json (every sample), soak.png (RSS over time) and soak.md (one row per process), and the small
+summary to commit (`--data`; `make soak`: docs/data/soak.json, rendered into docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import requests
 
 from loadtest.loadgen import RestClient
 from loadtest.payloads import Case, check
-from loadtest.report import machine, now, shown
+from loadtest.report import machine, now, shown, write_data
+from tsforge import extras
 from tsforge.project import ROOT
 from tsforge.server import TorchServe, free_port_overrides, model_args
 
 GOAL_PCT = 5.0
+SCHEMA = "tsforge.soak/1"
 WINDOW = 0.1  # baseline: the first tenth of the samples after warm-up; final: the last tenth
 
 
@@ -173,6 +176,7 @@ def growth(samples: list[dict[str, Any]], progress: dict[str, Progress], warmup:
 
 
 def plot(samples: list[dict[str, Any]], warm_from: float, path: Path) -> None:
+    extras.require("matplotlib", "plots", f"the plot {path.name}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,6 +221,25 @@ def verdict(summary: dict[str, Any]) -> list[str]:
     problems += [f"{model}: {run['failed']} of {run['requests']} requests failed {run.get('failure_reasons', {})}"
                  for model, run in summary["models"].items() if run["failed"]]
     return problems
+
+
+def data_summary(summary: dict[str, Any], command: str, raw_report: Path) -> dict[str, Any]:
+    """The soak as docs/data/soak.json keeps it (docs/data/README.md): per process the RSS growth after warm-up,
+    per model requests, failures and rate, the bound, the verdict and the machine; no samples."""
+    problems = verdict(summary)
+    return {
+        "schema": SCHEMA, "created": summary.get("created"), "command": command, "machine": summary.get("machine"),
+        "goal_pct": GOAL_PCT, "warmup_fraction": summary.get("warmup_fraction"),
+        "interval_s": summary.get("interval_s"), "samples": len(summary.get("samples") or []),
+        "models": {model: {"requests": run["requests"], "failed": run["failed"], "users": run.get("users"),
+                           "seconds": run.get("seconds"), "rate": run.get("rate"),
+                           "failure_reasons": {str(k)[:120]: v for k, v in
+                                               list((run.get("failure_reasons") or {}).items())[:3]}}
+                   for model, run in summary["models"].items()},
+        "rss": {"warm_from_s": summary["rss"]["warm_from_s"], "processes": summary["rss"]["processes"]},
+        "max_growth_pct": max((r["growth_pct"] for r in summary["rss"]["processes"].values()), default=None),
+        "verdict": "fail" if problems else "pass", "problems": problems, "raw_report": shown(raw_report),
+    }
 
 
 def run(targets: dict[str, int], users: dict[str, int], out: Path, interval: float, warmup: float,
@@ -267,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                         "baseline is taken")
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "soak")
+    parser.add_argument("--data", type=Path, help="the small summary to commit (make soak: docs/data/soak.json); "
+                        "default: OUT/soak-summary.json")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -276,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "soak.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary["samples"], summary["rss"]["warm_from_s"], out / "soak.png")
     (out / "soak.md").write_text(table(summary))
+    command = "python -m loadtest.soak " + " ".join(argv if argv is not None else sys.argv[1:])
+    data = write_data(data_summary(summary, command.strip(), out / "soak.json"), args.data or out / "soak-summary.json")
     print(table(summary))
-    print(f"reports: {shown(out / 'soak.json')}, {shown(out / 'soak.png')}, {shown(out / 'soak.md')}")
+    print(f"reports: {shown(out / 'soak.json')}, {shown(out / 'soak.png')}, {shown(out / 'soak.md')}; "
+          f"summary: {shown(data)}")
     problems = verdict(summary)
     for problem in problems:
         print(f"FAILED: {problem}", file=sys.stderr)

@@ -18,6 +18,7 @@ import argparse
 import json
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tsforge.project import ROOT
 from tsforge.server import TorchServe, free_port_overrides
 
 DEFAULT_CONFIG = ROOT / "config" / "config.properties"
+SCHEMA = "tsforge.startup/1"
 
 
 def timed(call: Any, *args: Any, **kwargs: Any) -> tuple[float, requests.Response]:
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model}: {row['workers']} workers ready in {row['first_worker_s']} s, one more in "
                   f"{row['added_worker_s']} s, serving {row['variant']}")
             rows.append(row)
-    result = {"bounds_s": {"first_worker": args.first_s, "added_worker": args.others_s}, "models": rows,
+    result = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "bounds_s": {"first_worker": args.first_s, "added_worker": args.others_s}, "models": rows,
               "machine": report.machine(), "command": f"python -m loadtest.startup --models {args.models}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -37,7 +37,7 @@ from loadtest.loadgen import load
 from loadtest.monitor import monitored
 from loadtest.payloads import Case
 from loadtest.serving import torchserve
-from tsforge import archive
+from tsforge import archive, extras
 from tsforge.project import ROOT
 from tsforge.server import TorchServe
 
@@ -146,6 +146,7 @@ def apply_to_config(path: Path, setting: Setting) -> None:
 
 
 def frontier_plot(trials: list[dict[str, Any]], p99_ms: float, path: Path, title: str) -> Path:
+    extras.require("matplotlib", "plots", f"the plot {path.name}")
     import matplotlib
 
     matplotlib.use("Agg")

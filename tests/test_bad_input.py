@@ -1,6 +1,7 @@
 """A corpus of malformed requests and property-based fuzzing over HTTP against the four example models: every one
 is a 4xx JSON error (a body beyond max_request_size: the frontend's 413), the workers keep their PIDs, and the
-workers' memory stays flat on decompression bombs. Figures go to reports/reliability/bad_input.json."""
+workers' memory stays flat on decompression bombs. Figures go to reports/reliability/bad_input_bombs.json (or
+TSFORGE_RELIABILITY_DATA: tests.test_reliability.record)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """Faults against a real TorchServe, each with its figure: a worker killed under load (and one whose restart
 fails in `initialize`), a model slower than responseTimeout, a flood beyond the job queue, clients that hang
-up mid-request, and stop/restart under load. Figures go to reports/reliability/<scenario>.json."""
+up mid-request, and stop/restart under load. Figures go to reports/reliability/<scenario>.json, or to the folder
+TSFORGE_RELIABILITY_DATA names (`make reliability-data`: docs/data/reliability/, committed and rendered into
+docs/reliability.md by `make benchmarks-doc`)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -34,7 +35,8 @@ from tsforge.server import TorchServe
 pytestmark = pytest.mark.integration
 
 FAULT_HANDLER = "tests/fault_handler.py"
-FIGURES = ROOT / "reports" / "reliability"
+FIGURES = ROOT / "reports" / "reliability"  # the default; TSFORGE_RELIABILITY_DATA overrides it (figures_dir)
+RELIABILITY_SCHEMA = "tsforge.reliability/1"
 PINNED = {"backend": "torchscript", "precision": "fp32", "onednn_fusion": "false"}  # no start-up measurement
 # The issue's goal, for one worker start and for a failed restart alike. A failed restart costs two worker starts,
 # each TorchServe's fixed 1 s retry back-off, the new worker's `import torch` (TorchServe imports it before the
@@ -48,9 +50,21 @@ STOP_FAILURES = ("ConnectionRefusedError", "ConnectionResetError", "BrokenPipeEr
                  "HTTP 5")
 
 
-def record(scenario: str, figures: dict[str, Any]) -> None:
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    (FIGURES / f"{scenario}.json").write_text(json.dumps(figures, indent=2) + "\n")
+def figures_dir() -> Path:
+    """Where the scenarios' JSON goes: reports/reliability/, or TSFORGE_RELIABILITY_DATA (relative to the project)."""
+    chosen = os.environ.get("TSFORGE_RELIABILITY_DATA")
+    return ROOT / chosen if chosen else FIGURES
+
+
+def record(scenario: str, figures: dict[str, Any]) -> Path:
+    """One scenario's figures as a small JSON file with the test that measured them, the command that reruns it and
+    the machine (docs/data/README.md, `tsforge.reliability/1`)."""
+    from loadtest.report import machine, now, write_data
+
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # "tests/x.py::test_y (call)"
+    return write_data({"schema": RELIABILITY_SCHEMA, "scenario": scenario, "created": now(), "test": test,
+                       "command": f"pytest {test}" if test else "pytest", "machine": machine(),
+                       "figures": figures}, figures_dir() / f"{scenario}.json")
 
 
 def fault_archive(store: Path, name: str, fault: dict[str, Any], **settings: Any) -> Path:

@@ -1,5 +1,6 @@
-"""docs/benchmarks.md and docs/scaling.md are rendered from the committed JSON (docs/data/), never from markdown:
-rendered here from small fixture summaries in the schema loadtest/bench.py, tune.py and front_cost.py write."""
+"""docs/benchmarks.md, docs/scaling.md and docs/reliability.md are rendered from the committed JSON (docs/data/), never
+from markdown: rendered here from small fixture summaries in the schema loadtest/bench.py, tune.py, front_cost.py,
+soak.py and the reliability tests' `record` write."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from loadtest import render
+from loadtest import render, render_reliability, soak
 from loadtest.bench import SCHEMA
 from tests.conftest import ROOT
 
@@ -90,8 +91,10 @@ def tree(tmp_path: Path) -> Path:
 
 
 def rendered(tree: Path) -> tuple[str, str]:
+    if not (tree / "reliability.md").exists():  # never the committed page: its block would get the fixture's data
+        shutil.copy(ROOT / "docs" / "reliability.md", tree / "reliability.md")
     assert render.main(["--data", str(tree / "data"), "--out", str(tree / "benchmarks.md"),
-                        "--scaling", str(tree / "scaling.md")]) == 0
+                        "--scaling", str(tree / "scaling.md"), "--reliability", str(tree / "reliability.md")]) == 0
     return (tree / "benchmarks.md").read_text(), (tree / "scaling.md").read_text()
 
 
@@ -155,3 +158,111 @@ def test_the_committed_scaling_page_is_what_the_committed_data_renders(tmp_path:
     data = ROOT / "docs" / "data"
     render.render_scaling(tmp_path / "scaling.md", render.read_reports(list(data.glob("bench-*.json"))), data)
     assert (tmp_path / "scaling.md").read_text() == (ROOT / "docs" / "scaling.md").read_text()
+
+
+def scenario(name: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """A reliability scenario's file as tests/test_reliability.py's `record` writes it."""
+    test = f"tests/test_reliability.py::test_{name}"
+    return {"schema": "tsforge.reliability/1", "scenario": name, "created": "2026-11-28T09:00:00+00:00",
+            "test": test, "command": f"pytest {test}", "machine": MACHINE, "figures": figures}
+
+
+def soak_summary() -> dict[str, Any]:
+    """A soak's committed summary, made by loadtest/soak.py's own `data_summary` from a run's summary."""
+    processes = {"frontend": {"label": "frontend", "baseline_mb": 356.2, "final_mb": 356.0, "peak_mb": 360.1,
+                              "growth_pct": -0.06},
+                 "digits/11": {"label": "digits worker 1 (pid 11)", "baseline_mb": 551.0, "final_mb": 551.0,
+                               "peak_mb": 552.0, "growth_pct": 0.0}}
+    run = {"created": "2026-11-28T10:00:00+00:00", "machine": {**MACHINE, "cpu": "Soak Xeon 1234"},
+           "warmup_fraction": 0.1, "interval_s": 2.0, "samples": [{"t": 0.0}] * 50,
+           "models": {"digits": {"requests": 100_000, "failed": 0, "failure_reasons": {}, "users": 16,
+                                 "seconds": 153.4, "rate": 652.0}},
+           "rss": {"warm_from_s": 12.0, "processes": processes}}
+    return soak.data_summary(run, "python -m loadtest.soak --digits-requests 100000", Path("reports/soak/soak.json"))
+
+
+def reliability_block(page: Path) -> tuple[str, str, str]:
+    text = page.read_text()
+    before, rest = text.split(render_reliability.BEGIN)
+    block, after = rest.split(render_reliability.END)
+    return before, block, after
+
+
+def test_the_reliability_block_has_each_scenarios_figures_its_json_and_machine(tree: Path) -> None:
+    folder = tree / "data" / "reliability"
+    folder.mkdir()
+    (folder / "worker_killed.json").write_text(json.dumps(scenario("worker_killed", {
+        "requests": 15666, "failed": 8, "failures": {"HTTP 500": 8}, "first_200_after_kill_s": 0.011,
+        "worker_replaced_s": 5.6, "bound_s": 10.0})))
+    (folder / "flood.json").write_text(json.dumps(scenario("flood", {
+        "requests": 400, "answered_200": 19, "answered_503": 381, "first_503_ms": 16.7, "p50_503_ms": 151.0,
+        "max_503_ms": 170.2, "job_queue_size": 16, "bound_ms": 50.0})))
+    (folder / "new_fault.json").write_text(json.dumps(scenario("new_fault", {"recovered_s": 1.5})))
+    (tree / "data" / "soak.json").write_text(json.dumps(soak_summary()))
+    rendered(tree)
+    before, block, after = reliability_block(tree / "reliability.md")
+    original = (ROOT / "docs" / "reliability.md").read_text()
+    assert original.startswith(before) and original.endswith(after)  # scenarios, bounds and commands kept
+    reliability = tree / "data" / "reliability"
+    assert (f"| worker killed (SIGKILL) under load | 15,666 requests, 8 failed (HTTP 500: 8); the next right answer "
+            f"0.011 s after the kill; replacement worker ready 5.6 s after it | `{reliability / 'worker_killed.json'}` "
+            "| 2026-11-27, machine 1 |") in block
+    assert "19 answered `200`, 381 `503`; first 503 16.7 ms after it was sent" in block
+    assert f"| new fault | recovered_s 1.5 | `{reliability / 'new_fault.json'}` |" in block  # not known: still shown
+    assert "| hang_ups" not in block  # a known scenario without its file: its row says so
+    assert ("| clients hanging up | no committed JSON yet: `make reliability-data` "
+            f"| `{reliability / 'hang_ups.json'}` (missing) | - |") in block
+    assert ("| soak | digits 100,000 requests, 0 failed; RSS growth after warm-up (bound 5 % per process): "
+            "frontend -0.06 % (356.0 MB), digits worker 1 (pid 11) +0.00 % (551.0 MB); digits 652.0 req/s; "
+            f"verdict: pass | `{tree / 'data' / 'soak.json'}` | 2026-11-27, machine 2 |") in block
+    assert "Machine 1: Fixture EPYC 9999, 2 cores (CPU flags: avx512_vnni, avx512_f, avx2)" in block
+    assert "Machine 2: Soak Xeon 1234, 2 cores" in block and "Machine 3" not in block
+    assert "no committed JSON yet: `make bench-startup`" in block  # the fixture has no startup.json
+
+
+def test_the_reliability_block_without_data_says_so_and_invents_nothing(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / "docs" / "scaling.md", tmp_path / "scaling.md")
+    rendered(tmp_path)
+    _, block, _ = reliability_block(tmp_path / "reliability.md")
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(render_reliability.SCENARIOS) + 2  # the scenarios, the soak, worker start
+    assert all("no committed JSON yet" in row and "(missing)" in row for row in rows), rows
+    assert "No reliability data committed yet" in block and "Machine 1" not in block
+    assert not any(char.isdigit() for row in rows for char in row.split(" | ")[1]), rows  # no figure at all
+    (tmp_path / "reliability.md").write_text("# hand-written\n")
+    with pytest.raises(SystemExit, match="no generated block"):
+        rendered(tmp_path)
+
+
+def test_rendering_the_reliability_block_twice_changes_nothing(tree: Path) -> None:
+    (tree / "data" / "soak.json").write_text(json.dumps(soak_summary()))
+    rendered(tree)
+    once = (tree / "reliability.md").read_text()
+    rendered(tree)
+    assert (tree / "reliability.md").read_text() == once and once.count(render_reliability.BEGIN) == 1
+
+
+def test_a_scenario_the_tests_record_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reliability tests' `record` writes where TSFORGE_RELIABILITY_DATA says, what the renderer reads."""
+    from tests.test_reliability import FIGURES, figures_dir, record
+
+    monkeypatch.delenv("TSFORGE_RELIABILITY_DATA", raising=False)
+    assert figures_dir() == FIGURES == ROOT / "reports" / "reliability"  # by default never docs/data
+    monkeypatch.setenv("TSFORGE_RELIABILITY_DATA", str(tmp_path / "data" / "reliability"))
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/test_reliability.py::test_hang_up (call)")
+    written = record("hang_ups", {"connections": 600, "worker_rss_before_mb": 1103.2, "worker_rss_after_mb": 1103.5,
+                                  "growth_pct": 0.03})
+    assert written == tmp_path / "data" / "reliability" / "hang_ups.json"
+    saved = json.loads(written.read_text())
+    assert saved["command"] == "pytest tests/test_reliability.py::test_hang_up" and saved["machine"]["cores"]
+    block = render_reliability.markdown(tmp_path / "data")
+    assert f"| clients hanging up | 600 connections hung up; worker RSS 1103.2 → 1103.5 MB (+0.03 %) | `{written}` |" \
+        in block
+
+
+def test_the_committed_reliability_page_is_what_the_committed_data_renders(tmp_path: Path) -> None:
+    """docs/reliability.md cannot drift from docs/data/: `make benchmarks-doc` after each run keeps them equal."""
+    shutil.copy(ROOT / "docs" / "reliability.md", tmp_path / "reliability.md")
+    render_reliability.render(tmp_path / "reliability.md", ROOT / "docs" / "data")
+    assert (tmp_path / "reliability.md").read_text() == (ROOT / "docs" / "reliability.md").read_text()

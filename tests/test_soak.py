@@ -64,6 +64,26 @@ def test_the_soak_fails_on_growth_over_the_bound_or_a_failed_request(
         assert problems[0].startswith("digits worker 1 (pid 11): RSS grew +8.96 %"), problems
 
 
+def test_the_committed_summary_has_the_growth_the_verdict_and_the_machine_but_no_samples(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--data` (make soak: docs/data/soak.json) writes the small summary docs/reliability.md is rendered from; by
+    default it goes beside the raw report, never into docs/data."""
+    summary = {**made_up(lambda t: 500.0 + 2.5 * t, failed=1), "created": "2026-11-28T10:00:00+00:00",
+               "machine": {"cpu": "Fixture", "cores": 2}, "warmup_fraction": 0.1, "interval_s": 1.0}
+    monkeypatch.setattr(soak, "run", lambda *args: summary)
+    assert soak.main(["--out", str(tmp_path / "raw"), "--data", str(tmp_path / "soak.json")]) == 1
+    data = json.loads((tmp_path / "soak.json").read_text())
+    assert data["schema"] == soak.SCHEMA and data["machine"] == {"cpu": "Fixture", "cores": 2}
+    assert data["command"] == f"python -m loadtest.soak --out {tmp_path / 'raw'} --data {tmp_path / 'soak.json'}"
+    assert data["goal_pct"] == soak.GOAL_PCT and data["samples"] == 20 and '"rss_mb"' not in json.dumps(data)
+    assert data["rss"]["processes"]["digits/11"]["growth_pct"] == 8.96 and data["max_growth_pct"] == 8.96
+    assert data["models"]["digits"] == {"requests": 1000, "failed": 1, "users": None, "seconds": 1.0,
+                                        "rate": 1000.0, "failure_reasons": {"HTTP 503": 1}}
+    assert data["verdict"] == "fail" and data["problems"] == soak.verdict(summary)
+    assert soak.main(["--out", str(tmp_path / "raw")]) == 1
+    assert json.loads((tmp_path / "raw" / "soak-summary.json").read_text())["verdict"] == "fail"
+
+
 def test_a_soak_that_measured_nothing_does_not_pass() -> None:
     summary = {"rss": {"warm_from_s": 0.0, "processes": {}}, "models": {}}
     assert soak.verdict(summary) == ["no process had two RSS samples after warm-up"]

