@@ -103,11 +103,12 @@ def test_the_committed_summary_is_small_and_carries_the_machine(bench_reports: P
 
 
 def test_benchmarks_doc_renders_from_the_committed_summaries(bench_reports: Path, tmp_path: Path) -> None:
-    out, scaling = tmp_path / "benchmarks.md", tmp_path / "scaling.md"
+    out, scaling, reliability = tmp_path / "benchmarks.md", tmp_path / "scaling.md", tmp_path / "reliability.md"
     scaling.write_text((ROOT / "docs" / "scaling.md").read_text())
+    reliability.write_text((ROOT / "docs" / "reliability.md").read_text())  # the committed pages stay untouched
     subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "loadtest.render", "--data",
-                    str(bench_reports.parent.parent / "data"), "--out", str(out), "--scaling", str(scaling)],
-                   cwd=ROOT, check=True)
+                    str(bench_reports.parent.parent / "data"), "--out", str(out), "--scaling", str(scaling),
+                    "--reliability", str(reliability)], cwd=ROOT, check=True)
     text = out.read_text()
     assert "## Side by side" in text and "### digits" in text and "python -m loadtest.bench" in text
     assert "| digits | " in scaling.read_text() and "bench-digits.json` |" in scaling.read_text()  # sized from it
