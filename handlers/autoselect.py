@@ -204,6 +204,17 @@ def run_trials(variants: Sequence[Variant], load: Callable[[Variant], Runner], i
     return trials
 
 
+def loaded(variant: Variant, load: Callable[[Variant], Runner], reference: Runner) -> Trial:
+    """An untimed trial (all count as equally fast, so the earliest wins): the runner, or why it cannot load."""
+    trial = Trial(variant, seconds=1.0, discrepancy=0.0)
+    try:
+        trial.runner = reference if variant == REFERENCE else load(variant)
+    except Exception as exc:  # as in run_trials: any backend's failure skips the variant
+        trial.seconds, trial.error = None, _reason(exc)
+        log.warning("variant %s is not usable here: %s", variant.name, trial.error)
+    return trial
+
+
 def _reason(exc: BaseException) -> str:
     """The exception's type and last line, not its traceback."""
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"

@@ -117,8 +117,8 @@ class VariantLoading:
             runner = reference if variants[0] == autoselect.REFERENCE else load(variants[0])
             trial = autoselect.Trial(variants[0], runner=runner)
             choice = autoselect.only(trial, self.settings, check)
-        elif inputs is None:  # nothing to time on: the candidates in order, the first within the bound
-            trials = [autoselect.Trial(v, seconds=1.0, discrepancy=0.0, runner=load(v)) for v in variants]
+        elif inputs is None:  # nothing to time on: the candidates in order, the first that loads within the bound
+            trials = [autoselect.loaded(v, load, reference) for v in variants]
             choice = autoselect.choose(trials, self.settings, check, 0)
             choice.reason = "no example inputs in the archive to time on; " + choice.reason
         else:

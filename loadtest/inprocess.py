@@ -175,12 +175,15 @@ def _model_rate(local: LocalHandler, batch: list[Case], duration_s: float) -> fl
 def prepared_cases(model: str, mar: Path, count: int = 32, seed: int = 0,
                    handler_overrides: dict[str, Any] | None = None) -> list[Case]:
     """The model's payloads with reference answers, cached per archive content in build/loadtest."""
+    # Keyed by the archive, the payload code and the choice cache `auto` reads (handlers/autoselect.py): either
+    # changing makes new references, so they come from the variant the servers sharing that cache serve.
+    from handlers.autoselect import cache_dir
     from loadtest import payloads
     from loadtest.payloads import load, raw_cases, save
 
-    # Keyed by the archive and by the payload code: either changing makes new references.
     digest = hashlib.sha256(mar.read_bytes() + Path(payloads.__file__).read_bytes()
-                            + json.dumps(handler_overrides, sort_keys=True).encode()).hexdigest()[:16]
+                            + json.dumps(handler_overrides, sort_keys=True).encode()
+                            + str(cache_dir().resolve()).encode()).hexdigest()[:16]
     cache = ROOT / "build" / "loadtest" / "payloads" / f"{model}-{digest}-{count}-{seed}.json"
     if cache.is_file():
         return load(cache)

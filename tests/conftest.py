@@ -118,6 +118,8 @@ def servers_stop_with_their_module() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def digits_server(start_server: StartServer) -> TorchServe:
+def digits_server(start_server: StartServer, session_choice_cache: Path) -> TorchServe:
+    """digits for the whole session, sharing the in-process handlers' choice cache: tests compare its answers with
+    references the archive's handler computes in-process (loadtest.inprocess), which must run the same variant."""
     built_archive("digits")
-    return start_server(["digits"], session=True)
+    return start_server(["digits"], session=True, cache_dir=session_choice_cache)

@@ -293,3 +293,15 @@ def test_the_decision_is_keyed_to_this_machine(monkeypatch: pytest.MonkeyPatch) 
     assert plain != capped and capped["onednn_max_cpu_isa"] == "AVX2"
     assert plain["versions"]["torch"] == torch.__version__ and "onnxruntime" in plain["versions"]
     assert plain["cpu"]["cpu_name"] and any(v is True for v in plain["cpu"].values())
+
+
+def test_untimed_candidates_that_fail_to_load_are_skipped() -> None:
+    def load(variant: Variant):
+        raise _BackendOwnError("cannot create the session")
+
+    reference = autoselect.loaded(Variant(), load, "fp32-runner")
+    broken = autoselect.loaded(Variant("onnxruntime", "int8"), load, "fp32-runner")
+    assert reference.runner == "fp32-runner" and reference.seconds == 1.0
+    assert broken.runner is None and broken.seconds is None
+    assert broken.error == "_BackendOwnError: cannot create the session"
+    assert choose([broken, reference], Settings(), None, 0).variant == autoselect.REFERENCE

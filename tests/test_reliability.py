@@ -92,8 +92,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(start_server: StartServer, store: Path) -> TorchServe:
-    return start_server(["digits", "crashy", "slow", "queued"], store=store)
+def server(start_server: StartServer, store: Path, session_choice_cache: Path) -> TorchServe:
+    # the in-process references (`cases`) run the variant this server's workers chose: one choice cache for both
+    return start_server(["digits", "crashy", "slow", "queued"], store=store, cache_dir=session_choice_cache)
 
 
 @pytest.fixture(scope="module")
