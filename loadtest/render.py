@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import matrix
-from loadtest.report import shown
+from loadtest.report import replace_generated_block, shown
 from tsforge import capacity, extras
 from tsforge.project import ROOT
 
@@ -400,12 +400,7 @@ def scaling_markdown(benches: list[Report], data: Path) -> str:
 
 def render_scaling(path: Path, benches: list[Report], data: Path) -> None:
     """Replace the generated block of docs/scaling.md; the prose around it stays as written."""
-    text = path.read_text()
-    if SCALING_BEGIN not in text or SCALING_END not in text:
-        raise SystemExit(f"{path}: no generated block ({SCALING_BEGIN} ... {SCALING_END})")
-    before, rest = text.split(SCALING_BEGIN, 1)
-    after = rest.split(SCALING_END, 1)[1]
-    path.write_text(f"{before}{SCALING_BEGIN}\n{scaling_markdown(benches, data)}{SCALING_END}{after}")
+    replace_generated_block(path, SCALING_BEGIN, SCALING_END, scaling_markdown(benches, data))
 
 
 def read_reports(paths: list[Path]) -> list[Report]:

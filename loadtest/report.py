@@ -264,3 +264,13 @@ def write(summary: dict[str, Any], out_dir: Path, rows: list[dict[str, float]] |
     summary_path = out_dir / SUMMARY
     summary_path.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
     return [summary_path, plot(summary, rows, out_dir / PLOT)]
+
+
+def replace_generated_block(path: Path, begin: str, end: str, content: str) -> None:
+    """Replace what stands between the `begin` and `end` markers of a page; the prose around them stays as written."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path}: no generated block ({begin} ... {end})")
+    before, rest = text.split(begin, 1)
+    after = rest.split(end, 1)[1]
+    path.write_text(f"{before}{begin}\n{content}{end}{after}")
