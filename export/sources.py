@@ -200,14 +200,18 @@ def class_labels(source: Source, classes: int, labels: list[str] | None) -> list
     return [str(i) for i in range(classes)]
 
 
-def classes_of(module: torch.nn.Module, image: torch.Tensor) -> int:
-    """The number of classes, checking that the model maps an image batch to [N, classes] logits."""
+def run_once(module: torch.nn.Module, batch: torch.Tensor, expected: str) -> Any:
+    """The model's output on one example batch; a failure is one NewError naming what the task expects."""
     try:
         with torch.inference_mode():
-            output = module(image)
+            return module(batch)
     except Exception as exc:
-        raise NewError(f"image-classification expects a model taking {IMAGE_INPUT}; it failed on one: "
-                       f"{type(exc).__name__}: {short_message(exc)}") from exc
+        raise NewError(f"{expected}; it failed on one: {type(exc).__name__}: {short_message(exc)}") from exc
+
+
+def classes_of(module: torch.nn.Module, image: torch.Tensor) -> int:
+    """The number of classes, checking that the model maps an image batch to [N, classes] logits."""
+    output = run_once(module, image, f"image-classification expects a model taking {IMAGE_INPUT}")
     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != image.shape[0] \
             or output.shape[1] < 2 or not output.is_floating_point():
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -253,12 +257,7 @@ def random_arrays(shape: tuple[int, ...], dtype: str, count: int, seed: int) -> 
 
 def run_tensor(module: torch.nn.Module, batch: torch.Tensor, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     expected = f"a tensor model taking a [N, {', '.join(map(str, shape))}] {dtype} batch and returning one tensor"
-    try:
-        with torch.inference_mode():
-            output = module(batch)
-    except Exception as exc:
-        raise NewError(f"tensor expects {expected}; it failed on one: {type(exc).__name__}: "
-                       f"{short_message(exc)}") from exc
+    output = run_once(module, batch, f"tensor expects {expected}")
     if not isinstance(output, torch.Tensor) or output.dim() < 1 or output.shape[0] != batch.shape[0]:
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise NewError(f"tensor expects {expected} with the batch first; N={batch.shape[0]} gave {got}")
