@@ -10,13 +10,19 @@ BUILD   ?= build
 STORE   ?= model_store
 REPORTS ?= reports
 MODEL   ?= digits# the model that serve and predict use
-MODELS  ?= digits resnet18 minilm digits_tensor# the models that export and archive build
+MODELS  ?= $(MODEL)# the models that export and archive build: by default what serve serves
+# The exports beside fp32 TorchScript (tsforge/wanted.py): quick (every declared variant but AOTInductor, whose C++
+# compile takes 30-46 s a model), all, none, or names (int8,onnx,onnx-int8,aotinductor). The suite's targets build
+# all: its tests serve every variant.
+SUITE_GOALS := test test-isa package reliability-data
+VARIANTS ?= $(if $(filter $(SUITE_GOALS),$(MAKECMDGOALS)),all,quick)
 PROFILE ?= dev# configuration profile: dev (config/config.properties)
 CONFIG  := $(if $(filter dev,$(PROFILE)),config/config.properties,config/$(PROFILE).properties)
 RUN_DIR ?= $(BUILD)/serve
 PYTEST_ARGS ?=
 
 INSTALLED := $(VENV)/.installed
+DEV_INSTALLED := $(VENV)/.installed-dev
 HANDLER_SOURCES := $(wildcard handlers/*.py)
 EXPORT_SOURCES := $(wildcard export/*.py export/models/*.py tsforge/new.py models/*.py $(addsuffix /*.py,$(subst :, ,$(TSFORGE_MODELS)))) handlers/runtimes.py
 ARCHIVES := $(MODELS:%=$(STORE)/%.mar)
@@ -27,27 +33,44 @@ GIT_STATE := $(BUILD)/git-state
 _state := $(shell git rev-parse HEAD 2>/dev/null || echo unknown) $(shell test -n "$$(git status --porcelain -- handlers export config pyproject.toml 2>/dev/null)" && echo dirty || echo clean)
 $(shell mkdir -p $(BUILD); [ "$$(cat $(GIT_STATE) 2>/dev/null)" = "$(_state)" ] || echo "$(_state)" > $(GIT_STATE))
 
-.PHONY: help install export archive serve stop status predict grpc test lint clean
+# build/NAME/variants records the variants NAME's export holds; it is rewritten (and the export redone, with the
+# union) only when VARIANTS asks for more, so `make serve` after `make test` rebuilds nothing.
+$(shell $(PYTHON) -m tsforge.wanted --build $(BUILD) --variants '$(VARIANTS)' $(sort $(MODELS) $(MODEL)))
+
+.PHONY: help install install-dev export archive serve stop status predict grpc test lint clean
 
 help: ## List every target and the variables they take
-	@echo "usage: make TARGET [MODEL=digits] [MODELS='digits'] [PROFILE=dev]"
+	@echo "usage: make TARGET [MODEL=digits] [MODELS='digits resnet18'] [VARIANTS=quick|all|none|int8,onnx] [PROFILE=dev]"
+	@echo "  MODELS (default: MODEL) are exported and archived; VARIANTS picks the exports beside fp32 TorchScript:"
+	@echo "  quick (default: int8, ONNX, ONNX int8), all (+ AOTInductor, 30-46 s a model), none, or names"
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort -u | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(INSTALLED) ## Create the virtual environment in .venv (idempotent)
+install: $(INSTALLED) ## Create .venv with what archive and serve need: torch, the core, examples, onnx, front (idempotent)
+
+install-dev: $(DEV_INSTALLED) ## Add every other extra to .venv: the test tools, load tests, plots (test, lint, bench run it)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torchvision 0.29.1 needs exactly torch 2.14.1 (it runs on CPU and GPU alike).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	# Every extra: the examples (MiniLM), the v2 front (kserve), ONNX, load tests, plots, and the test tools;
-	# `pip install .` alone serves your own model (pyproject.toml lists what each extra is for).
+	# What a first `make archive && make serve` needs: the examples (scikit-learn, MiniLM), their ONNX variants and
+	# the v2 front; `pip install .` alone serves your own model (pyproject.toml lists what each extra is for).
+	$(PY) -m pip install -q -e '.[examples,onnx,front]'
+	touch $@
+
+# The rest (test tools, kubernetes-validate's schemas, locust, matplotlib): about 200 s more of downloads on a
+# fresh machine (25 s of CPU), so only the targets that use them install them.
+$(DEV_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install -q -e '.[dev,loadtest,plots,examples,front,onnx]'
 	touch $@
 
 export: $(MODELS:%=$(BUILD)/%/export.json) ## Trace MODELS to TorchScript with a parity check (build/NAME/)
 
-$(BUILD)/%/export.json: $(EXPORT_SOURCES) | $(INSTALLED)
-	$(PY) -m tsforge export $* --out-dir $(BUILD)
+$(BUILD)/%/export.json: $(EXPORT_SOURCES) $(BUILD)/%/variants | $(INSTALLED)
+	$(PY) -m tsforge export $* --out-dir $(BUILD) --variants "$$(cat $(BUILD)/$*/variants)"
+
+$(BUILD)/%/variants:
+	$(PYTHON) -m tsforge.wanted --build $(BUILD) --variants '$(VARIANTS)' $*
 
 archive: $(ARCHIVES) ## Package MODELS into model_store/NAME.mar with a version file
 
@@ -69,7 +92,7 @@ predict: | $(INSTALLED) ## Send MODEL's example inputs to the running server and
 grpc: | $(INSTALLED) ## Generate gRPC stubs from the protos inside TorchServe's frontend jar (build/grpc)
 	$(PY) -m tsforge grpc-stubs
 
-test: $(ARCHIVES) ## Run the test suite (builds what it needs first)
+test: $(ARCHIVES) | $(DEV_INSTALLED) ## Run the test suite (builds what it needs first)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The suite as an older CPU runs it, on whatever CPU this is: PyTorch's kernels capped by ATEN_CPU_CAPABILITY,
@@ -81,13 +104,13 @@ test: $(ARCHIVES) ## Run the test suite (builds what it needs first)
 ISA_TESTS ?= tests/test_variants.py tests/test_image_serving.py tests/test_accuracy_gate.py
 
 .PHONY: test-isa
-test-isa: $(ARCHIVES) ## The suite under capped ISAs: all at ATen+oneDNN AVX2; unit + ISA_TESTS at ATen default, oneDNN AVX2; ONNX Runtime int8 on an emulated AVX2 CPU (qemu-user)
+test-isa: $(ARCHIVES) | $(DEV_INSTALLED) ## The suite under capped ISAs: all at ATen+oneDNN AVX2; unit + ISA_TESTS at ATen default, oneDNN AVX2; ONNX Runtime int8 on an emulated AVX2 CPU (qemu-user)
 	@command -v qemu-x86_64 >/dev/null || { echo "test-isa needs qemu-x86_64 for ONNX Runtime's int8 path (Debian: apt-get install -y qemu-user)"; exit 2; }
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest $(PYTEST_ARGS)
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m integration $(ISA_TESTS) $(PYTEST_ARGS)
 
-lint: | $(INSTALLED) ## ruff and mypy
+lint: | $(DEV_INSTALLED) ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy handlers export tsforge loadtest
 
@@ -124,7 +147,7 @@ BENCH_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),
 
 .PHONY: loadtest bench tune benchmarks-doc
 
-loadtest: $(STORE)/$(MODEL).mar ## Headless locust run on MODEL (USERS, SPAWN_RATE, DURATION, PROTOCOL) -> reports/loadtest/
+loadtest: $(STORE)/$(MODEL).mar | $(DEV_INSTALLED) ## Headless locust run on MODEL (USERS, SPAWN_RATE, DURATION, PROTOCOL) -> reports/loadtest/
 	$(PY) -m tsforge loadtest --model $(MODEL) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 		--protocol $(PROTOCOL) --out $(REPORTS)/loadtest/$(MODEL)-$(PROTOCOL) $(LOADTEST_ARGS)
 
@@ -133,17 +156,17 @@ loadtest: $(STORE)/$(MODEL).mar ## Headless locust run on MODEL (USERS, SPAWN_RA
 DATA       ?= docs/data
 BENCH_NAME ?= $(BENCH_MODEL)
 
-bench: $(STORE)/$(BENCH_MODEL).mar ## tsforge vs stock handler at its best setting vs Flask vs in-process ceiling (LEVELS, DURATION) -> reports/bench/, docs/data/
+bench: $(STORE)/$(BENCH_MODEL).mar | $(DEV_INSTALLED) ## tsforge vs stock handler at its best setting vs Flask vs in-process ceiling (LEVELS, DURATION) -> reports/bench/, docs/data/
 	$(PY) -m loadtest.bench --model $(BENCH_MODEL) --levels $(LEVELS) --duration $(DURATION) \
 		--out $(REPORTS)/bench/$(BENCH_NAME) --data $(DATA)/bench-$(BENCH_NAME).json $(BENCH_ARGS)
 
-tune: $(STORE)/$(MODEL).mar ## Sweep workers x batch x delay x threads under P99_MS within BUDGET s -> reports/tune/
+tune: $(STORE)/$(MODEL).mar | $(DEV_INSTALLED) ## Sweep workers x batch x delay x threads under P99_MS within BUDGET s -> reports/tune/
 	$(PY) -m tsforge tune --model $(MODEL) --p99-ms $(P99_MS) --budget $(BUDGET) --out $(REPORTS)/tune/$(MODEL) \
 		--data $(DATA)/tune-$(MODEL).json $(TUNE_ARGS)
 
 BENCH_STATUS ?=# a note shown atop docs/benchmarks.md: where and how its numbers were taken
 
-benchmarks-doc: | $(INSTALLED) ## Render docs/benchmarks.md and the generated blocks of docs/scaling.md and docs/reliability.md from docs/data/ (BENCH_STATUS=note)
+benchmarks-doc: | $(DEV_INSTALLED) ## Render docs/benchmarks.md and the generated blocks of docs/scaling.md and docs/reliability.md from docs/data/ (BENCH_STATUS=note)
 	$(PY) -m loadtest.render --data $(DATA) --status "$(BENCH_STATUS)"
 
 # ---- operations: versions, rollout, gRPC, Open Inference Protocol, metrics ----
@@ -195,18 +218,31 @@ GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),resnet50)
 
 .PHONY: bench-startup
-bench-startup: $(STORE)/resnet18.mar $(STORE)/digits.mar $(STORE)/minilm.mar ## Worker start with auto: the first measuring, one more reusing -> docs/data/startup.json
+bench-startup: $(STORE)/resnet18.mar $(STORE)/digits.mar $(STORE)/minilm.mar | $(DEV_INSTALLED) ## Worker start with auto: the first measuring, one more reusing -> docs/data/startup.json
 	$(PY) -m tsforge bench-startup --models resnet18,digits,minilm --out $(DATA)/startup.json
 
 .PHONY: bench-front
-bench-front: $(STORE)/resnet18.mar $(STORE)/digits.mar ## The v2 front's cost: v2 requests direct vs through it, c=16 -> reports/front-cost/
+bench-front: $(STORE)/resnet18.mar $(STORE)/digits.mar | $(DEV_INSTALLED) ## The v2 front's cost: v2 requests direct vs through it, c=16 -> reports/front-cost/
 	$(PY) -m tsforge bench-front --models resnet18,digits --users 16 --out $(REPORTS)/front-cost \
 		--data $(DATA)/front-cost.json
+
+.PHONY: form-flood
+form-flood: $(STORE)/digits.mar ## digits under 4 clients of 800,000-field form bodies: direct vs through the front -> reports/form-flood/
+	$(PY) -m loadtest.form_flood --duration 30 --users 4 --flooders 4 --out $(REPORTS)/form-flood
 
 .PHONY: bench-gpu
 bench-gpu: ## GPU: tsforge vs stock handler vs in-process ceiling, GPU use sampled (GPU_LEVELS, GPU_DURATION) -> reports/gpu-bench/
 	$(GPU_PY) -m tsforge bench-gpu --model $(GPU_MODEL) --levels $(GPU_LEVELS) --duration $(GPU_DURATION) \
 		--out $(REPORTS)/gpu-bench $(GPU_BENCH_ARGS)
+
+# `make test-gpu` gathers what a GPU host lacks (TorchServe + Java, wheels, data in place of scikit-learn) into one
+# git-ignored folder of at most 64 MiB and prints the one device-tool call that runs, there, the CUDA tests and a
+# served smoke test of every example model (loadtest/gpu_smoke.py; `--allow-cpu` runs the same steps without CUDA).
+GPU_CARRY ?= $(BUILD)/gpu-carry
+
+.PHONY: test-gpu
+test-gpu: | $(INSTALLED) ## GPU: prepare the carry folder (GPU_CARRY) and print the device call: CUDA tests + every model served -> test-gpu.json
+	$(PY) -m loadtest.gpu_smoke prepare --carry $(GPU_CARRY)
 
 # ---- KServe bundle, CI packaging ----
 # `make kserve` writes build/kserve/ (storage layout, InferenceServices, DERIVATION.md; docs/scaling.md deploys it).
@@ -230,13 +266,18 @@ package: ## CI on a version tag (TAG=v0.1.0): check the tag, archive, verify, te
 	$(MAKE) test
 	$(MAKE) kserve
 
+# A release packages every example model with every variant (MODELS= on the command line picks others).
+EXAMPLES := digits resnet18 minilm digits_tensor sentiment
+package: export MODELS := $(if $(filter command line,$(origin MODELS)),$(MODELS),$(EXAMPLES))
+package: export VARIANTS := $(VARIANTS)
+
 # ---- reliability: soak ----
 SOAK_DIGITS ?= 100000
 SOAK_RESNET ?= 20000
 SOAK_ARGS   ?=# e.g. --interval 2 --digits-users 8
 
 .PHONY: soak
-soak: $(STORE)/digits.mar $(STORE)/resnet18.mar | $(INSTALLED) ## Soak digits and resnet18 (SOAK_DIGITS, SOAK_RESNET requests), RSS over time -> reports/soak/, docs/data/soak.json
+soak: $(STORE)/digits.mar $(STORE)/resnet18.mar | $(DEV_INSTALLED) ## Soak digits and resnet18 (SOAK_DIGITS, SOAK_RESNET requests), RSS over time -> reports/soak/, docs/data/soak.json
 	$(PY) -m tsforge soak --digits-requests $(SOAK_DIGITS) --resnet18-requests $(SOAK_RESNET) \
 		--store $(STORE) --out $(REPORTS)/soak --data $(DATA)/soak.json $(SOAK_ARGS)
 
@@ -246,5 +287,5 @@ soak: $(STORE)/digits.mar $(STORE)/resnet18.mar | $(INSTALLED) ## Soak digits an
 RELIABILITY_TESTS ?= tests/test_reliability.py tests/test_bad_input.py
 
 .PHONY: reliability-data
-reliability-data: $(ARCHIVES) ## Run the fault and bad-input tests, their figures -> docs/data/reliability/ (then make benchmarks-doc)
+reliability-data: $(ARCHIVES) | $(DEV_INSTALLED) ## Run the fault and bad-input tests, their figures -> docs/data/reliability/ (then make benchmarks-doc)
 	TSFORGE_RELIABILITY_DATA=$(DATA)/reliability $(PY) -m pytest $(RELIABILITY_TESTS) $(PYTEST_ARGS)

@@ -40,6 +40,9 @@ def max_abs_difference(eager: torch.nn.Module, traced: torch.nn.Module, inputs: 
 
 def trace(spec: ModelSpec, prepared: PreparedModel) -> torch.jit.ScriptModule:
     module = prepared.module.eval()
+    if spec.script:  # compiled from the source: every branch kept; parity is still checked in export_model
+        scripted: torch.jit.ScriptModule = torch.jit.script(module)  # type: ignore[no-untyped-call]
+        return torch.jit.freeze(scripted) if spec.freeze else scripted
     with torch.inference_mode(False), torch.no_grad():
         traced: torch.jit.ScriptModule = torch.jit.trace(  # type: ignore[no-untyped-call]
             module, prepared.example_inputs, strict=spec.strict_trace
@@ -70,8 +73,10 @@ def follow_input_device(traced: torch.jit.ScriptModule) -> int:
     return len(constants)
 
 
-def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None = None) -> ExportReport:
-    """Export `spec` into `out_dir`: `<name>.pt`, `export.json` and, when labelled, `index_to_name.json`.
+def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None = None,
+                 variants: tuple[str, ...] | None = None) -> ExportReport:
+    """Export `spec` into `out_dir`: `<name>.pt`, `export.json`, when labelled `index_to_name.json`, and `variants`
+    (default: every one the declaration lists; tsforge/wanted.py picks them for `tsforge export`).
 
     Raises ExportError, and writes nothing, when eager and traced outputs differ by more than
     `spec.tolerance` on the held-out inputs.
@@ -92,14 +97,14 @@ def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None 
         prepared.extra_files[HELDOUT_FILE] = heldout_file(measure, minimum, prepared.heldout, prepared.heldout_about)
     pt_file = out_dir / f"{spec.name}.pt"
     traced.save(str(pt_file))
-    artefacts = export_variants(spec, prepared, out_dir, pt_file.name)
+    artefacts = export_variants(spec, prepared, out_dir, pt_file.name, variants)
     report = ExportReport(
         model=spec.name,
         revision=spec.revision,
         torchscript_file=pt_file.name,
         parity_max_abs_diff=diff,
         tolerance=spec.tolerance,
-        input_shapes=[list(t.shape) for t in prepared.example_inputs],
+        input_shapes=[list(t.shape) for t in _outputs(prepared.example_inputs)],  # a list of images: each
         metrics=prepared.metrics,
         torch_version=torch.__version__,
         extra_files=sorted([*prepared.extra_files, *(entry["file"] for entry in artefacts.values())]),

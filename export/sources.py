@@ -10,6 +10,7 @@ A declaration (models/NAME.py) reads:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.hf_folder import text_classification as text_classification  # what declarations import
 from export.models import resnet
 from export.spec import ModelSpec, PreparedModel
 
@@ -42,7 +44,8 @@ class NewError(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    """Where a model comes from: `torchvision:NAME`, `FILE.py:FUNCTION`, a TorchScript `.pt` or a `.pt2` program.
+    """Where a model comes from: `torchvision:NAME`, `FILE.py:FUNCTION`, a TorchScript `.pt`, a `.pt2` program or a
+    local Hugging Face model folder (export/hf_folder.py).
 
     Paths are relative to the root of the tree that declares the model (or absolute)."""
 
@@ -60,8 +63,11 @@ class Source:
             return "export"
         if self.spec.endswith(TORCHSCRIPT_SUFFIXES):
             return "torchscript"
+        if self.spec.endswith("/") or not Path(self.spec).suffix:  # a name without a suffix: a folder
+            return "hf-folder"
         raise NewError(f"cannot tell what source {self.spec!r} is: expected torchvision:NAME, FILE.py:FUNCTION, "
-                       f"a TorchScript file ({', '.join(TORCHSCRIPT_SUFFIXES)}) or a torch.export program (.pt2)")
+                       f"a TorchScript file ({', '.join(TORCHSCRIPT_SUFFIXES)}), a torch.export program (.pt2) or a "
+                       "local Hugging Face model folder")
 
     def load(self, root: Path) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...] | None]:
         """The eager module (in eval mode) and, when the source gives them, its example inputs."""
@@ -73,11 +79,17 @@ class Source:
             module, inputs = _factory(root, self.spec)
         elif kind == "torchscript":
             path = existing_file(root, self.spec, "TorchScript file")
+            with contextlib.suppress(ImportError):  # registers the ops a scripted detector calls (nms, roi_align)
+                import torchvision  # noqa: F401
             try:
                 module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             except Exception as exc:
                 raise NewError(f"{path} is not a TorchScript file (expected what torch.jit.save writes; a state dict "
                                f"goes with --weights): {short_message(exc)}") from exc
+        elif kind == "hf-folder":
+            from export.hf_folder import load_classifier  # here: it imports transformers, and this module
+
+            module = load_classifier(root / self.spec)
         else:
             path = existing_file(root, self.spec, "torch.export program")
             try:
@@ -122,11 +134,23 @@ def _torchvision(name: str, options: dict[str, Any]) -> torch.nn.Module:
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        # a segmenter's backbone weights default to ImageNet's, which would be downloaded
+        return _seeded(torchvision.models.get_model, name, weights=None, weights_backbone=None, **options)
+    if name in torchvision.models.list_models(module=torchvision.models.detection):
+        # so do a detector's (object-detection)
+        return _seeded(torchvision.models.get_model, name, weights=None, weights_backbone=None, **options)
     if name not in available:
         raise NewError(f"torchvision has no classification model {name!r}; expected one of torchvision.models' "
                        f"(e.g. {', '.join(n for n in available if 'mobilenet' in n)})")
     torch.manual_seed(SEED)  # random weights are the same at `new` and at every export
     module: torch.nn.Module = torchvision.models.get_model(name, weights=None, **options)
+    return module
+
+
+def _seeded(factory: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    torch.manual_seed(SEED)  # random weights are the same at `new` and at every export
+    module: torch.nn.Module = factory(*args, **kwargs)
     return module
 
 
@@ -177,10 +201,14 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
 
 # ---- image classification ----
 
+#: the example images a declaration reads back from examples/NAME/ (`tsforge new --examples`)
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
 def photo_files(root: Path, name: str) -> list[bytes]:
     """The example images `new` wrote (or the user put) in examples/NAME/; the sample photos where there are none."""
     folder = root / "examples" / name
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in PHOTO_SUFFIXES)
     if files:
         return [p.read_bytes() for p in files]
     return [resnet.jpeg(photo) for photo in resnet.sample_photos().values()]
@@ -290,3 +318,68 @@ def tensor_model(name: str, source: Source, *, root: Path, shape: tuple[int, ...
                      variants=variants, accuracy=("min_cosine", 0.99) if np.dtype(dtype).kind == "f" else None)
 
 
+# ---- image segmentation ----
+
+def segmentation_classes(module: torch.nn.Module, image: torch.Tensor) -> int:
+    """The number of classes, checking that the model maps an image batch to [N, classes, H, W] logits (a tensor,
+    or torchvision's dict with "out") at the input's height and width."""
+    from export.models.segmentation import OutTensor
+
+    expected = f"image-segmentation expects a model taking {IMAGE_INPUT}"
+    output = run_once(OutTensor(module), image, expected)
+    if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[0] != image.shape[0] \
+            or tuple(output.shape[2:]) != tuple(image.shape[2:]) or output.shape[1] < 2 \
+            or not output.is_floating_point():
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise NewError(f"{expected} and returning [N, classes, H, W] float logits at the input's size (or a dict "
+                       f"with them under \"out\"); N=1 gave {got}")
+    return int(output.shape[1])
+
+
+def segmentation_labels(source: Source, classes: int, labels: list[str] | None) -> list[str]:
+    from export.models.segmentation import voc_labels
+
+    if labels is not None:
+        return class_labels(source, classes, labels)
+    if source.kind == "torchvision" and classes == len(voc_labels()):
+        return voc_labels()
+    return [str(i) for i in range(classes)]
+
+
+def build_segmenter(name: str, source: Source, root: Path, labels: str | None) -> PreparedModel:
+    from export.models import segmentation
+
+    module, _ = source.load(root)
+    photos = photo_files(root, name)
+    classes = segmentation_classes(module, segmentation.segmenter_tensor(photos[0]).unsqueeze(0))
+    names = segmentation_labels(source, classes, read_labels(root / labels) if labels else None)
+    return segmentation.prepare_segmenter(module, names, examples=photos)
+
+
+def image_segmentation(name: str, source: Source, *, root: Path, labels: str | None = None,
+                       revision: int = 1) -> ModelSpec:
+    """The declaration of an image segmenter from any source (what models/NAME.py calls): fp32 TorchScript."""
+    from export.models import segmentation
+
+    return segmentation.segmenter_spec(name, partial(build_segmenter, name, source, root, labels),
+                                       description=f"image segmenter from {source.spec}", revision=revision)
+
+
+# ---- object detection ----
+
+def build_detector(name: str, source: Source, root: Path, labels: str | None) -> PreparedModel:
+    from export.models import detection
+
+    module, _ = source.load(root)
+    names = detection.detector_labels(module, source.kind == "torchvision" and not source.options,
+                                      read_labels(root / labels) if labels else None)
+    return detection.prepare_detector(module, names, examples=photo_files(root, name))
+
+
+def object_detection(name: str, source: Source, *, root: Path, labels: str | None = None,
+                     revision: int = 1) -> ModelSpec:
+    """The declaration of an object detector from any source (what models/NAME.py calls): scripted fp32 TorchScript."""
+    from export.models import detection
+
+    return detection.detector_spec(name, partial(build_detector, name, source, root, labels),
+                                   description=f"object detector from {source.spec}", revision=revision)

@@ -48,6 +48,8 @@ class ModelSpec:
     handler:    the handler file that serves it, relative to the project root
     tolerance:  largest allowed max-abs difference between eager and traced outputs
     freeze:     run `torch.jit.freeze` on the traced module (folds weights as constants)
+    script:     compile with `torch.jit.script` instead of tracing: for models whose control flow depends on the
+                data (detectors: proposals, NMS), which a trace would freeze to the example's path
     variants:   further exports (export/variants.py): int8, onnx, onnx-int8, aotinductor
     int8:       "static" (calibrated, for CNNs) or "dynamic" (Linear layers, for transformers)
     int8_bound: the export-time quality metrics to (within bound, the bound in words), recorded in export.json
@@ -62,6 +64,7 @@ class ModelSpec:
     tolerance: float = 1e-5
     freeze: bool = False
     strict_trace: bool = True
+    script: bool = False
     description: str = ""
     variants: tuple[str, ...] = ()
     int8: str = "static"

@@ -26,17 +26,18 @@ import torch
 from export.spec import ExportError, ModelSpec, PreparedModel
 from handlers import runtimes
 from tsforge import extras
+from tsforge.wanted import VARIANT_NAMES as VARIANT_NAMES  # one list of names, stdlib-readable for the Makefile
 
 log = logging.getLogger(__name__)
-VARIANT_NAMES = ("int8", "onnx", "onnx-int8", "aotinductor")
 #: the (backend, precision) each export is served as
 SERVED_AS = {"int8": ("torchscript", "int8"), "onnx": ("onnxruntime", "fp32"),
              "onnx-int8": ("onnxruntime", "int8"), "aotinductor": ("aotinductor", "fp32")}
 SUFFIXES = {"int8": ".int8.pt", "onnx": ".onnx", "onnx-int8": ".int8.onnx", "aotinductor": ".pt2"}
 
 
-def export_variants(spec: ModelSpec, prepared: PreparedModel, out_dir: Path, torchscript: str) -> dict[str, Any]:
-    """Write each of `spec.variants` into `out_dir`; returns export.json's `artefacts` section."""
+def export_variants(spec: ModelSpec, prepared: PreparedModel, out_dir: Path, torchscript: str,
+                    variants: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Write each of `variants` (default: `spec.variants`) into `out_dir`; returns export.json's `artefacts`."""
     artefacts: dict[str, Any] = {}
     builders: dict[str, Callable[[Path], dict[str, Any]]] = {
         "int8": lambda path: _int8(spec, prepared, path),
@@ -44,7 +45,7 @@ def export_variants(spec: ModelSpec, prepared: PreparedModel, out_dir: Path, tor
         "onnx-int8": lambda path: _onnx_int8(prepared, out_dir / f"{spec.name}{SUFFIXES['onnx']}", path),
         "aotinductor": lambda path: _aotinductor(prepared, path),
     }
-    for name in spec.variants:
+    for name in spec.variants if variants is None else variants:
         path = out_dir / f"{spec.name}{SUFFIXES[name]}"
         started = time.perf_counter()
         entry = {"file": path.name, **builders[name](path)}

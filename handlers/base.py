@@ -1,50 +1,38 @@
 """The base of every tsforge handler: one hook per step, errors isolated per request.
 
-A handler for a new model subclasses `BatchHandler` and writes `decode` (one request to one item),
-optionally `collate`, `infer` and `encode` (one result row to JSON). The base does the rest:
-
-- reads the archive's `model-config.yaml` `handler:` section into `self.config`,
-- picks the device (`cuda:<gpu_id>` when there is a GPU), sets torch threads per worker,
-- loads the variant of the exported model that serves fastest here among those that keep the model's
-  accuracy bound on this machine (`handlers.loading`: backend, precision and fusion named in the config or
-  measured at start, then checked on the archive's held-out inputs against fp32; no pickle anywhere),
-- answers each bad request with its own 4xx JSON and lets the rest of the batch through,
-- reports decode/inference/encode times, batch size and errors as custom metrics.
+A handler for a new model subclasses `BatchHandler` and writes `decode` (one request's payload to one item)
+and `encode` (one result row to JSON), optionally `prepare_batch`, `collate`, `infer` and `unbatch` (the
+batch's output to one row per item). The base reads the `handler:` section of the archive's model-config.yaml
+into `self.config`, picks the device and threads (`handlers.placement`), loads the fastest variant that keeps
+the accuracy bound here (`handlers.loading`), speaks each wire format through its protocol object
+(`handlers.protocols`), answers each bad request with its own 4xx and the rest normally, and reports times,
+batch sizes and errors as metrics.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import autoselect, oip, provenance
-from handlers.errors import InvalidInput, RequestError, internal_error_body
+from handlers import autoselect, oip, protocols, provenance
+from handlers.errors import RequestError, internal_error_body
 from handlers.loading import VariantLoading
-from handlers.payload import extract, parse_json_bytes
+from handlers.placement import default_threads, device_overrides, pick_device, worker_threads
 from handlers.telemetry import Telemetry
 
+__all__ = ["VERSION_HEADER", "ArchiveIntegrityError", "BatchHandler", "default_threads", "device_overrides",
+           "probability_discrepancy"]
 log = logging.getLogger(__name__)
 JSON = "application/json"
-# How a request is answered: False -> its one encoded item; True -> {"predictions": [...]} (KServe v1
-# "instances"); an InferRequest -> an Open Inference Protocol (KServe v2) response.
-Reply = bool | oip.InferRequest
 #: response header that names the archive version which answered (HTTP only: gRPC has no headers here)
 VERSION_HEADER = "X-Model-Version"
-
-
-def default_threads(workers: int) -> int:
-    """Torch threads per worker when the config names none: the cores, less one for TorchServe's frontend,
-    shared among the workers. Measured on 2 cores: 2 threads in the one worker cut throughput 2-10x
-    against 1, because the worker's threads fight the frontend's."""
-    return max(1, ((os.cpu_count() or 1) - 1) // max(1, workers))
 
 
 def probability_discrepancy(reference: torch.Tensor, output: torch.Tensor) -> float:
@@ -58,7 +46,10 @@ class ArchiveIntegrityError(RuntimeError):
 
 
 class BatchHandler(VariantLoading, BaseHandler):  # type: ignore[misc]
-    """Subclass and implement `decode`; override `collate`, `infer` and `encode` as needed."""
+    """Subclass and implement `decode` and `encode`; override the other hooks as needed."""
+
+    #: the wire formats answered, tried in order (`handlers.protocols.pick`)
+    wire_protocols: tuple[protocols.WireProtocol, ...] = protocols.DEFAULT
 
     #: `handler.precision` / `handler.backend` when the config names none
     default_precision = autoselect.AUTO
@@ -72,8 +63,8 @@ class BatchHandler(VariantLoading, BaseHandler):  # type: ignore[misc]
         properties = context.system_properties
         self.model_dir = Path(properties.get("model_dir", "."))
         self.config: dict[str, Any] = dict((context.model_yaml_config or {}).get("handler") or {})
-        self.device = self._pick_device(properties)
-        self._set_threads(context)
+        self.device = pick_device(properties.get("gpu_id"), self.config, context.model_yaml_config)
+        torch.set_num_threads(worker_threads(self.config, context.model_yaml_config))
         self.settings = autoselect.Settings.from_config(
             {"precision": self.default_precision, "backend": self.default_backend,
              "onednn_fusion": self.default_fusion, **self.config},
@@ -97,18 +88,26 @@ class BatchHandler(VariantLoading, BaseHandler):  # type: ignore[misc]
         """One request's payload to one model input item; raise a RequestError when it is bad."""
         raise NotImplementedError
 
-    def collate(self, items: list[Any]) -> Any:
-        """Stack the items on the worker's device; the runner casts to its precision and memory format."""
-        return torch.stack(items).to(self.device, non_blocking=True)
-
     def prepare_batch(self, items: list[Any]) -> list[Any]:
         """Batch-level work between every request's `decode` and `collate` (e.g. decoding all of a batch's
         images in one GPU call): one entry per item, either the item `collate` gets or the RequestError that
         answers the item's request (the others are answered normally). The default changes nothing."""
         return items
 
+    def collate(self, items: list[Any]) -> Any:
+        """Stack the items on the worker's device; the runner casts to its precision and memory format."""
+        return torch.stack(items).to(self.device, non_blocking=True)
+
     def infer(self, batch: Any) -> Any:
         return self.model(batch)
+
+    def unbatch(self, output: Any, count: int) -> list[Any]:
+        """`infer`'s output for a batch of `count` items, as one row per item for `encode`: by default a
+        tensor's rows in float32 on the CPU, a list or tuple as it is. Override for structured outputs (a
+        detector's dict per image, a segmenter's class maps) or cheaper rows (text_handler: numpy)."""
+        if isinstance(output, torch.Tensor):
+            return list(output.float().cpu().unbind(0))
+        return list(output)
 
     def encode(self, row: Any) -> Any:
         """One result row to a JSON-serialisable value."""
@@ -123,14 +122,7 @@ class BatchHandler(VariantLoading, BaseHandler):  # type: ignore[misc]
     def decode_v2(self, request: oip.InferRequest) -> list[Any]:
         """A v2 request's items: by default one input tensor whose slices along the first axis (or BYTES
         elements: base64 or text) each go through `decode`."""
-        tensor = request.only_input()
-        decoded = []
-        for n, item in enumerate(tensor.items()):
-            try:
-                decoded.append(self.decode(item))
-            except RequestError as exc:
-                raise type(exc)(f"input {tensor.name!r} item {n}: {exc.message}") from None
-        return decoded
+        return protocols.v2_items(request, self)
 
     def encode_v2(self, rows: Sequence[Any]) -> list[dict[str, Any]]:
         """The v2 "outputs" for a request's result rows: by default the stacked model output, named by
@@ -139,172 +131,106 @@ class BatchHandler(VariantLoading, BaseHandler):  # type: ignore[misc]
 
     # ---- the TorchServe entry point ----------------------------------------------------------
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        """Pick each request's protocol and decode it, then prepare_batch, collate, infer and unbatch the good
+        items together, and encode each request's rows in its protocol. A bad request gets its own 4xx and a
+        bug in one request's decoding or encoding its own 500; the other requests are answered."""
         self.context = context
         if context.get_request_header(0, "describe") == "True":  # GET /models/NAME?customized=true
             return [json.dumps(self.describe()).encode()]
-        responses: list[bytes | None] = [None] * len(data)
-        groups: list[tuple[int, int, Reply]] = []  # (request index, item count, answer form)
-        items: list[Any] = []
+        answers: list[bytes | None] = [None] * len(data)
         started = time.perf_counter()
-        for idx, row in enumerate(data):
-            payload: Any = None
-            try:
-                payload = self._payload(row)
-                decoded, reply = self._decode_request(payload, self._bridged(idx, payload))
-            except RequestError as exc:
-                responses[idx] = self._reject(idx, exc, payload)
-                continue
-            except Exception as exc:  # a decoder bug must not fail the batch: answer 500 for this row
-                log.exception("decode failed for request %d", idx)
-                responses[idx] = self._fail(idx, exc, payload)
-                continue
-            groups.append((idx, len(decoded), reply))
-            items.extend(decoded)
-        if items:
-            groups, items = self._prepare(groups, items, responses)
+        decoded = [self._decode_row(idx, row, answers) for idx, row in enumerate(data)]
+        requests = self._prepare([r for r in decoded if r is not None], answers)
+        items = [item for request in requests for item in request.items]
         decoded_at = time.perf_counter()
         if items:
-            try:
-                rows = self._infer_rows(items)
-            except Exception as exc:
-                log.exception("inference failed for a batch of %d", len(items))
-                self._fail_all(groups, exc, responses)
-                rows = None
+            rows = self._run(items, requests, answers)
             inferred_at = time.perf_counter()
-            if rows is not None:
-                self._answer(groups, rows, responses)
+            if rows:
+                for request, chunk in zip(requests, protocols.split(rows, requests), strict=True):
+                    answers[request.index] = self._encode(request, chunk)
             self.telemetry.batch(len(items), decoded_at - started, inferred_at - decoded_at,
                                  time.perf_counter() - inferred_at)
         for idx in range(len(data)):
             context.set_response_header(idx, VERSION_HEADER, self.version)
-        return [r if r is not None else b"{}" for r in responses]
-
-    # ---- internals ---------------------------------------------------------------------------
-    @staticmethod
-    def _payload(row: dict[str, Any]) -> Any:
-        payload = extract(row)
-        return parse_json_bytes(payload) if isinstance(payload, (bytes, bytearray)) else payload
-
-    def _bridged(self, idx: int, payload: Any) -> bool:
-        """Whether the row came from TorchServe's own v2 gRPC bridge: a "model_name" key and no HTTP headers."""
-        if not isinstance(payload, dict) or "model_name" not in payload:
-            return False
-        processors = getattr(self.context, "request_processor", None) or []
-        properties = processors[idx].get_request_properties() if idx < len(processors) else {}
-        return not set(properties) - {"body"}
+        return [answer if answer is not None else b"{}" for answer in answers]
 
     def decode_request(self, payload: Any) -> list[Any]:
-        """The model input items of one request as a client sends it (any wire format)."""
-        return self._decode_request(payload)[0]
+        """The model input items of one request as a client sends it (any wire format): examples, held-out inputs."""
+        return protocols.pick(payload, self.wire_protocols).decode(payload, self).items
 
-    def _decode_request(self, payload: Any, bridged: bool = False) -> tuple[list[Any], Reply]:
-        if oip.is_infer_request(payload):
-            request = oip.parse_request(payload, bridged)
-            return self.decode_v2(request), request
-        if isinstance(payload, dict) and "instances" in payload:
-            instances = payload["instances"]
-            if not isinstance(instances, list) or not instances:
-                raise InvalidInput("\"instances\" must be a non-empty JSON array")
-            limit = int(self.config.get("max_instances", 64))
-            if len(instances) > limit:
-                raise InvalidInput(f"{len(instances)} instances in one request; the limit is {limit}")
-            decoded = []
-            for n, instance in enumerate(instances):
-                try:
-                    decoded.append(self.decode(instance))
-                except RequestError as exc:
-                    raise type(exc)(f"instance {n}: {exc.message}") from None
-            return decoded, True
-        return [self.decode(payload)], False
-
-    def _prepare(self, groups: list[tuple[int, int, Reply]], items: list[Any],
-                 responses: list[bytes | None]) -> tuple[list[tuple[int, int, Reply]], list[Any]]:
-        """Run `prepare_batch`; a request with an item that failed there gets that item's 4xx, the rest go on."""
+    # ---- internals ---------------------------------------------------------------------------
+    def _decode_row(self, idx: int, row: dict[str, Any], answers: list[bytes | None]) -> protocols.Request | None:
+        protocol, payload = protocols.PLAIN, None
         try:
-            prepared = self.prepare_batch(items)
+            payload = protocols.payload_of(row)
+            protocol = protocols.pick(payload, self.wire_protocols)
+            return protocol.decode(payload, self, idx)
+        except Exception as exc:  # a decoder bug must not fail the batch: a 500 for this request only
+            if not isinstance(exc, RequestError):
+                log.exception("decode failed for request %d", idx)
+            answers[idx] = self._error(protocols.Request(protocol, idx, [], payload), exc)
+            return None
+
+    def _prepare(self, requests: list[protocols.Request], answers: list[bytes | None]) -> list[protocols.Request]:
+        """Run `prepare_batch`; a request with an item that failed there gets that item's 4xx, the rest go on."""
+        if not requests:
+            return []
+        try:
+            prepared = self.prepare_batch([item for request in requests for item in request.items])
         except Exception as exc:
-            log.exception("batch decoding failed for a batch of %d", len(items))
-            self._fail_all(groups, exc, responses)
-            return [], []
-        kept_groups: list[tuple[int, int, Reply]] = []
-        kept_items: list[Any] = []
-        cursor = 0
-        for idx, count, reply in groups:
-            chunk = prepared[cursor : cursor + count]
-            cursor += count
+            log.exception("batch decoding failed for a batch of %d requests", len(requests))
+            for request in requests:
+                answers[request.index] = self._error(request, exc)
+            return []
+        kept = []
+        for request, chunk in zip(requests, protocols.split(prepared, requests), strict=True):
             failed = next(((n, e) for n, e in enumerate(chunk) if isinstance(e, RequestError)), None)
             if failed is None:
-                kept_groups.append((idx, count, reply))
-                kept_items.extend(chunk)
+                request.items = chunk
+                kept.append(request)
                 continue
             n, error = failed
-            if count > 1:
+            if len(chunk) > 1:
                 error = type(error)(f"item {n}: {error.message}")
-            responses[idx] = self._reject(idx, error, reply)
-        return kept_groups, kept_items
+            answers[request.index] = self._error(request, error)
+        return kept
 
-    def _infer_rows(self, items: list[Any]) -> Sequence[Any]:
-        with torch.inference_mode():
-            output = self.infer(self.collate(items))
-        if isinstance(output, torch.Tensor):
-            output = output.float().cpu()
-            return list(output.unbind(0))
-        return list(output)
+    def _run(self, items: list[Any], requests: list[protocols.Request], answers: list[bytes | None]) -> list[Any]:
+        """collate -> infer -> unbatch: one row per item, or none when that fails (a 500 to each request)."""
+        try:
+            with torch.inference_mode():
+                output = self.infer(self.collate(items))
+            rows = self.unbatch(output, len(items))
+            if len(rows) != len(items):
+                raise ValueError(f"unbatch returned {len(rows)} rows for a batch of {len(items)} items")
+            return rows
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d", len(items))
+            for request in requests:
+                answers[request.index] = self._error(request, exc)
+            return []
 
-    def _answer(self, groups: list[tuple[int, int, Reply]], rows: Sequence[Any], out: list[bytes | None]) -> None:
-        cursor = 0
-        for idx, count, reply in groups:
-            chunk = rows[cursor : cursor + count]
-            try:
-                if isinstance(reply, oip.InferRequest):
-                    body = oip.response(reply, self.encode_v2(chunk), self.context, idx)
-                else:
-                    encoded = [self.encode(r) for r in chunk]
-                    body = {"predictions": encoded} if reply else encoded[0]
-                out[idx] = json.dumps(body).encode()
-                self.context.set_response_content_type(idx, JSON)
-            except RequestError as exc:
-                out[idx] = self._reject(idx, exc, reply)
-            except Exception as exc:
-                log.exception("encode failed for request %d", idx)
-                out[idx] = self._fail(idx, exc, reply)
-            cursor += count
+    def _encode(self, request: protocols.Request, rows: list[Any]) -> bytes:
+        try:
+            body = protocols.dumps(request.protocol.encode(request, rows, self))
+        except Exception as exc:  # an encoder bug (or a RequestError such as unknown v2 outputs): this request only
+            if not isinstance(exc, RequestError):
+                log.exception("encode failed for request %d", request.index)
+            return self._error(request, exc)
+        self.context.set_response_content_type(request.index, JSON)
+        return body
 
-    def _reject(self, idx: int, exc: RequestError, request: Any = None) -> bytes:
-        """The 4xx answer; `request` (the payload or its reply form) makes it a v2 answer for v2 requests."""
-        self.context.set_response_status(exc.status, exc.phrase, idx)
-        self.context.set_response_content_type(idx, JSON)
-        self.telemetry.error(exc.kind)
-        return oip.error_answer(json.dumps(exc.to_json()).encode(), request, self.context, idx)
-
-    def _fail_all(self, groups: list[tuple[int, int, Reply]], exc: BaseException,
-                  responses: list[bytes | None]) -> None:
-        for idx, _, reply in groups:
-            responses[idx] = self._fail(idx, exc, reply)
-
-    def _fail(self, idx: int, exc: BaseException, request: Any = None) -> bytes:
-        self.context.set_response_status(500, "Internal Server Error", idx)
-        self.context.set_response_content_type(idx, JSON)
-        self.telemetry.error("internal_error")
-        return oip.error_answer(internal_error_body(exc), request, self.context, idx)
-
-    def _pick_device(self, properties: dict[str, Any]) -> torch.device:
-        """The device; on CUDA the `handler:` keys of model-config.yaml's `gpu:` section apply (logged)."""
-        gpu_id = properties.get("gpu_id")
-        if not (torch.cuda.is_available() and gpu_id is not None and self.config.get("device", "auto") != "cpu"):
-            return torch.device("cpu")
-        device = torch.device(f"cuda:{gpu_id}")
-        overrides = device_overrides(getattr(self.context, "model_yaml_config", None), device)
-        if overrides:
-            self.config.update(overrides)
-            log.info("device %s: gpu section of model-config.yaml applied: %s", device, overrides)
-        return device
-
-    def _set_threads(self, context: Any) -> None:
-        threads = self.config.get("threads")
-        if threads is None:
-            threads = default_threads(int((context.model_yaml_config or {}).get("maxWorkers") or 1))
-        torch.set_num_threads(int(threads))
+    def _error(self, request: protocols.Request, exc: BaseException) -> bytes:
+        """The answer to a failed request in its protocol: a RequestError's 4xx, anything else a 500."""
+        if isinstance(exc, RequestError):
+            status, phrase, kind, body = exc.status, exc.phrase, exc.kind, json.dumps(exc.to_json()).encode()
+        else:
+            status, phrase, kind, body = 500, "Internal Server Error", "internal_error", internal_error_body(exc)
+        self.context.set_response_status(status, phrase, request.index)
+        self.context.set_response_content_type(request.index, JSON)
+        self.telemetry.error(kind)
+        return request.protocol.error(body, request, self.context)
 
     def check_archive(self) -> str:
         """The archive's version; refuses to load (raises) when a file differs from `version.json`."""
@@ -322,19 +248,6 @@ class BatchHandler(VariantLoading, BaseHandler):  # type: ignore[misc]
         return {"version": self.version, "device": str(self.device), "threads": torch.get_num_threads(),
                 "selection": self.selection}
 
-    def sample_inputs(self) -> tuple[torch.Tensor, ...] | None:
-        """A full batch built from the archive's `examples.json` requests, as `infer` receives it."""
-        examples = self.model_dir / "examples.json"
-        if not examples.is_file():
-            return None
-        items: list[Any] = []
-        for case in json.loads(examples.read_text()):
-            items.extend(self.decode_request(case["input"]))
-        if not items:
-            return None
-        batch = self.collate((items * self.batch_size)[: self.batch_size])
-        return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-
     def read_json(self, name: str) -> Any:
         return json.loads((self.model_dir / name).read_text())
 
@@ -343,10 +256,3 @@ class BatchHandler(VariantLoading, BaseHandler):  # type: ignore[misc]
         labels = self.read_json(name)
         return [str(labels[str(i)]) for i in range(len(labels))]
 
-
-def device_overrides(model_config: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
-    """The `handler:` keys of model-config.yaml's `gpu:` section, which apply when a worker's device is CUDA."""
-    if device.type != "cuda":
-        return {}
-    section = (model_config or {}).get("gpu") or {}
-    return dict(section.get("handler") or {}) if isinstance(section, Mapping) else {}

@@ -57,7 +57,17 @@ class VariantLoading:
         raise NotImplementedError
 
     def sample_inputs(self) -> tuple[torch.Tensor, ...] | None:
-        raise NotImplementedError
+        """A full batch built from the archive's `examples.json` requests, as `infer` receives it."""
+        examples = self.model_dir / "examples.json"
+        if not examples.is_file():
+            return None
+        items: list[Any] = []
+        for case in json.loads(examples.read_text()):
+            items.extend(self.decode_request(case["input"]))
+        if not items:
+            return None
+        batch = self.collate((items * self.batch_size)[: self.batch_size])
+        return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
     def load_model(self) -> runtimes.Runner:
         """The runner of the variant this worker serves: named in the config, or measured (`auto`) on the

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
-from tokenizers import Tokenizer
 
-from handlers.base import BatchHandler
-from handlers.errors import InvalidInput, PayloadTooLarge
-from handlers.payload import as_text
+from handlers.text_batch import TextBatchHandler
 
 
-class TextEmbeddingHandler(BatchHandler):
+class TextEmbeddingHandler(TextBatchHandler):
     """Accepts one text per request: a text/plain body, a JSON string, {"text": ...}, {"data": ...} or
     {"inputs": ...}, KServe v1 {"instances": [...]} or a v2 BYTES input. Returns
     `{"embedding": [384 floats], "dim": 384}`: the mean of the token embeddings over the attention mask,
@@ -30,26 +28,8 @@ class TextEmbeddingHandler(BatchHandler):
         settings = self.read_json("embedding.json")
         self.dimension = int(settings["dimension"])
         self.normalize = bool(settings.get("normalize", True))
-        self.max_chars = int(self.config.get("max_chars", 20_000))
-        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-        self.tokenizer.enable_truncation(max_length=int(self.config.get("max_seq_length", settings["max_seq_length"])))
-        pad_id = self.tokenizer.token_to_id("[PAD]")
-        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+        self.load_tokenizer(int(settings["max_seq_length"]))
         super().setup()  # measuring variants for `auto` tokenizes the examples
-
-    def decode(self, payload: Any) -> str:
-        text = as_text(payload)
-        if len(text) > self.max_chars:
-            raise PayloadTooLarge(f"the text has {len(text)} characters; the limit is {self.max_chars}")
-        if not text.strip():
-            raise InvalidInput('the text is empty; send a non-empty string, e.g. {"text": "a sentence"}')
-        return text
-
-    def collate(self, items: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encodings = self.tokenizer.encode_batch(items)
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=self.device)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long, device=self.device)
-        return ids, mask
 
     def infer(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch
@@ -58,7 +38,7 @@ class TextEmbeddingHandler(BatchHandler):
         pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2.0, dim=1) if self.normalize else pooled
 
-    def encode(self, row: torch.Tensor) -> dict[str, Any]:
+    def encode(self, row: np.ndarray[Any, Any] | torch.Tensor) -> dict[str, Any]:
         return {"embedding": row.tolist(), "dim": int(row.shape[0])}
 
     def discrepancy(self, reference: torch.Tensor, output: torch.Tensor) -> float:

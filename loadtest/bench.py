@@ -50,8 +50,21 @@ from tsforge.project import ROOT
 from tsforge.server import free_port
 
 # TorchServe's stock handler for each tsforge handler, where one exists.
-STOCK_HANDLERS = {"image_handler.py": "image_classifier"}
+STOCK_HANDLERS = {"image_handler.py": "image_classifier", "segmentation_handler.py": "image_segmenter",
+                  # stock text_classifier needs torchtext (none for torch 2.x) and a pickled vocabulary: what users
+                  # ran for Hugging Face classifiers is pytorch/serve's example handler, as loadtest/ reproduces it
+                  "text_classification_handler.py": "loadtest/stock_text_classifier.py",
+                  # object_detector on the same weights, eager: loadtest/stock_detector_model.py says why
+                  "detection_handler.py": "object_detector"}
 TARGETS = ("tsforge", "stock", "flask", "ceiling")
+#: settings under which the archive's handler preprocesses as a stock handler does (its references): image_segmenter
+#: scales the shorter side to 256 and answers for the 224 x 224 centre crop
+STOCK_REFERENCE = {"image_segmenter": {"resize": 256, "crop": 224, "output_size": "model"}}
+#: the shortest measurement of a stock handler whose answers take seconds: image_segmenter spends ~0.65 s of its
+#: worker's time per image on one core (0.42 s in its postprocess, a 2.5 MB [224][224][class, p] list), so the 16
+#: requests a cancelled warm-up leaves queued keep its worker busy for ~25 s before measured requests are served;
+#: a window this long lets it show its steady rate (still a lower bound: that backlog is served, not counted)
+STOCK_MIN_DURATION_S = {"image_segmenter": 60.0}
 BENCH_BUILD = ROOT / "build" / "bench"
 
 
@@ -93,14 +106,71 @@ def stock_archive(model: str, store: Path, setting: StockSetting = StockSetting(
                                       "batchSize": setting.batch_size, "maxBatchDelay": max_batch_delay,
                                       "responseTimeout": 300}))
     archiver = Path(sys.executable).with_name("torch-model-archiver")
-    command = [str(archiver), "--model-name", model, "--version", "stock", "--handler", stock,
-               "--serialized-file", str(export_dir / f"{model}.pt"), "--export-path", str(store),
+    command = [str(archiver), "--model-name", model, "--version", "stock",
+               "--handler", str(ROOT / stock) if stock.endswith(".py") else stock,
+               "--serialized-file", str(stock_model(model, stock, export_dir)), "--export-path", str(store),
                "--config-file", str(config), "--force"]
     labels = export_dir / "index_to_name.json"
-    if labels.is_file():
-        command += ["--extra-files", str(labels)]
+    extra = [labels] if labels.is_file() else []
+    if stock == STOCK_HANDLERS["text_classification_handler.py"]:
+        extra += stock_text_files(model, store)
+    if stock == "object_detector":  # an eager model file and a state dict, as TorchServe's detection examples
+        command += ["--model-file", str(ROOT / "loadtest" / "stock_detector_model.py")]
+    if extra:
+        command += ["--extra-files", ",".join(map(str, extra))]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return store / f"{model}.mar"
+
+
+def stock_model(model: str, stock: str, export_dir: Path) -> Path:
+    """The model file the stock handler serves: the export itself; for image_segmenter, whose postprocess reads
+    `output["out"]`, the same program and weights scripted to return {"out": logits}."""
+    exported = export_dir / f"{model}.pt"
+    if stock == STOCK_HANDLERS["text_classification_handler.py"]:  # the Hugging Face folder the export came from
+        from export.hf_folder import FOLDERS
+
+        return FOLDERS[model] / "model.safetensors"
+    if stock == "object_detector":
+        return stock_detector_weights(exported)
+    if stock != "image_segmenter":
+        return exported
+    from export.models.segmentation import stock_model_file
+
+    wrapped = BENCH_BUILD / "stock-model" / f"{model}.pt"
+    wrapped.parent.mkdir(parents=True, exist_ok=True)
+    stock_model_file(str(exported), str(wrapped))
+    return wrapped
+
+
+def stock_detector_weights(exported: Path) -> Path:
+    """The scripted detector's weights as the state dict of loadtest/stock_detector_model.py (names under `model.`):
+    a plain tensor dict that torch.load(weights_only=True) reads.
+
+    What stock object_detector needed to serve the same weights: not the scripted export (its preprocess stacks
+    images into one tensor, which a scripted detector refuses, and it reads a list of dicts where the scripted one
+    returns (losses, detections)), but TorchServe examples' form: `--model-file` with the eager architecture and
+    this state dict as the serialized file. Its threshold is fixed at 0.5 (the detector config's too), it takes
+    the raw body only, and stacking fails for images of different sizes in one batch (batch > 1: a 503 for all)."""
+    import torch
+    import torchvision  # noqa: F401  (registers the ops the scripted program calls)
+
+    program = torch.jit.load(str(exported), map_location="cpu")  # type: ignore[no-untyped-call]
+    weights = BENCH_BUILD / "stock-model" / f"{exported.stem}.state_dict.pt"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({f"model.{name}": value for name, value in program.state_dict().items()}, weights)
+    return weights
+
+
+def stock_text_files(model: str, store: Path) -> list[Path]:
+    """What the example handler reads beside the weights: the folder's config and tokenizer, its setup_config.json."""
+    from export.hf_folder import FOLDERS
+    from loadtest.stock_text_classifier import setup_config
+
+    folder = FOLDERS[model]
+    setup = store / "setup_config.json"
+    setup.write_text(json.dumps(setup_config()))
+    names = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+    return [setup, *(folder / name for name in names if (folder / name).is_file())]
 
 
 def measure(cases: list[Case], level: int, duration: float, url: str, pid: int | None, *, single_process: bool,
@@ -121,7 +191,7 @@ def run_torchserve(label: str, model: str, store: Path, cases: list[Case], level
                    duration: float, warmup: float, described: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rows for each level; `described` receives the handler's description of how it runs the model."""
     rows = []
-    with torchserve([model], store=store, name=f"bench-{label}") as server:
+    with torchserve([model], store=store, name=f"bench-{model}-{label}") as server:
         if described is not None:
             described.update(selection(server, model))
         url = f"{server.url('inference')}/predictions/{model}"
@@ -207,6 +277,8 @@ def run_stock(model: str, cases: list[Case], levels: list[int], duration: float,
     """The stock handler at its best setting here: each setting served at the highest level for sweep[0] s after
     sweep[1] s of load, the fastest then measured at every level. Rows (empty without a stock handler), sweep."""
     level, tried = max(levels), []
+    floor = STOCK_MIN_DURATION_S.get(STOCK_HANDLERS.get(Path(get(model).handler).name, ""), 0.0)
+    sweep, duration = (max(sweep[0], floor), sweep[1]), max(duration, floor)
     for setting in settings:
         store = BENCH_BUILD / "stock-store" / setting.name
         if stock_archive(model, store, setting, delay) is None:
@@ -386,6 +458,9 @@ def run_all(args: argparse.Namespace, mar: Path, config: dict[str, Any]) -> dict
     # The stock handler and Flask run the plain fp32 export: their answers are checked against that.
     fp32_cases = [c for c in prepared_cases(args.model, mar, args.payload_count, handler_overrides=PLAIN_FP32)
                   if c.raw]
+    stock_cases = fp32_cases if stock not in STOCK_REFERENCE else [
+        c for c in prepared_cases(args.model, mar, args.payload_count,
+                                  handler_overrides={**PLAIN_FP32, **STOCK_REFERENCE[stock]}) if c.raw]
     found: dict[str, Any] = {"rows": [], "notes": [], "selection": {}, "matrix": None, "stock_sweep": None,
                              "ceiling": None, "cases": cases}
     print(f"bench {args.model}: {len(cases)} payloads, levels {args.levels}, {args.duration:g} s each", flush=True)
@@ -398,7 +473,7 @@ def run_all(args: argparse.Namespace, mar: Path, config: dict[str, Any]) -> dict
         settle = args.warmup + args.duration * (len(args.levels) - 1)
         found["matrix"] = run_matrix(args.model, mar, args.payload_count, max(args.levels), args.duration, settle)
     if "stock" in args.targets:
-        rows, found["stock_sweep"] = run_stock(args.model, fp32_cases, args.levels, args.duration, args.warmup,
+        rows, found["stock_sweep"] = run_stock(args.model, stock_cases, args.levels, args.duration, args.warmup,
                                                args.stock_settings,
                                                (args.stock_sweep_duration, args.stock_sweep_warmup),
                                                int(config.get("maxBatchDelay", 5)))

@@ -57,7 +57,7 @@ def create_app(local: LocalHandler) -> Flask:
             return Response(json.dumps(exc.to_json()), status=exc.status, mimetype="application/json")
         with torch.inference_mode():
             output = handler.infer(handler.collate([item]))
-        row = output.float()[0] if isinstance(output, torch.Tensor) else output[0]
+        row = handler.unbatch(output, 1)[0]
         return Response(json.dumps(handler.encode(row)), mimetype="application/json")
 
     return app

@@ -361,16 +361,28 @@ def load_from_processes(cases: list[Case], level: int, duration: float, url: str
     return merged, {"processes": processes, "cpu_percent": round(100.0 * cpu / (duration + 1.0), 1)}
 
 
+#: every row measured so far, rewritten after each level: a run cut off by the device's time limit keeps them
+PARTIAL: dict[str, Any] = {"rows": [], "file": None}
+
+
+def save_partial(row: dict[str, Any]) -> None:
+    PARTIAL["rows"].append(row)
+    if PARTIAL["file"] is not None:
+        Path(PARTIAL["file"]).write_text(json.dumps({"partial": True, "rows": PARTIAL["rows"]}, indent=2) + "\n")
+
+
 def serve_and_measure(label: str, model: str, store: Path, cases: list[Case], levels: list[int], duration: float,
-                      warmup: float, clients: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      warmup: float, clients: int,
+                      gpus: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`gpus`: serve on the first N GPUs only (TorchServe's number_of_gpu; the workers follow, tsforge/gpus.py)."""
     from loadtest import report
     from loadtest.monitor import MetricsScraper, monitored
     from loadtest.serving import torchserve
 
     rows = []
     memory: dict[str, Any] = {}
-    with torchserve([model], store=store, name=f"gpu-bench-{label}", overrides={"job_queue_size": "2048"},
-                    timeout=600) as server:
+    overrides = {} if gpus is None else {"number_of_gpu": str(gpus)}
+    with torchserve([model], store=store, name=f"gpu-bench-{label}", overrides=overrides, timeout=600) as server:
         url = f"{server.url('inference')}/predictions/{model}"
         started = time.perf_counter()
         load_from_processes(cases, max(levels), warmup, url, clients)
@@ -385,6 +397,7 @@ def serve_and_measure(label: str, model: str, store: Path, cases: list[Case], le
                                        target=url, server=usage, torchserve=scraper.stop())
             summary.pop("machine")
             rows.append({**summary, "target": label, "level": level, "client": client, "gpu": gpu.summary()})
+            save_partial(rows[-1])
             print(f"  {label:8s} c={level:<4d} {summary['qps']:8.1f} img/s  P50 {summary['latency_ms']['p50']:8.1f} ms"
                   f"  P99 {summary['latency_ms']['p99']:8.1f} ms  ok {summary['success_rate']:.1%}  GPU "
                   f"{gpu.summary().get('util_percent_mean', '-')} %  client CPU {client['cpu_percent']} %", flush=True)
@@ -453,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default="", help="also serve tsforge with these gpu settings, "
                         "WORKERSxBATCHxDELAY_MS comma-separated (e.g. 4x64x5,2x128x5), at --sweep-levels")
     parser.add_argument("--sweep-levels", default="256")
+    parser.add_argument("--gpu-counts", default="", help="also serve tsforge as shipped on the first N GPUs for each "
+                        "N (e.g. 1,2,4): the scaling over a host's GPUs, measured in one run")
     parser.add_argument("--ceiling-duration", type=float, default=3.0)
     parser.add_argument("--build-dir", type=Path, default=BUILD / "export",
                         help="where the export goes (an existing export there is reused)")
@@ -475,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or args.model
     store = BUILD / "store"
     args.out.mkdir(parents=True, exist_ok=True)
+    PARTIAL["file"] = str(args.out / "gpu-bench.partial.json")
     gpu = torch.cuda.is_available()
     print(f"gpu-bench {name}: {'GPU ' + torch.cuda.get_device_name(0) if gpu else 'no GPU: CPU run'}", flush=True)
     if args.mar is not None:  # built elsewhere: served as it is
@@ -527,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         served, memory["tsforge"] = serve_and_measure("tsforge", name, store, cases, levels, args.duration,
                                                       args.warmup, args.clients)
         rows += served
+    for count in [int(x) for x in args.gpu_counts.split(",") if x.strip()]:
+        served, memory[f"tsforge-{count}gpu"] = serve_and_measure(
+            f"tsforge-{count}gpu", name, store, cases, levels, args.duration, args.warmup, args.clients, gpus=count)
+        rows += served
     if "stock" in targets and text:
         notes.append("no stock handler: TorchServe ships none for sentence embeddings")
     elif "stock" in targets:
@@ -543,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     tsforge_qps = {r["level"]: r["qps"] for r in rows if r["target"] == "tsforge"}
     ratios = {r["level"]: round(tsforge_qps[r["level"]] / r["qps"], 1) for r in rows
               if r["target"] == "stock" and r["qps"] and r["level"] in tsforge_qps}
+    one_gpu = {r["level"]: r["qps"] for r in rows if r["target"] == "tsforge-1gpu" and r["qps"]}
+    scaling = {r["target"]: {r2["level"]: round(r2["qps"] / one_gpu[r2["level"]], 2) for r2 in rows
+                             if r2["target"] == r["target"] and r2["level"] in one_gpu}
+               for r in rows if r["target"].startswith("tsforge-") and r["target"] != "tsforge-1gpu"}
     result = {
         "model": name,
         "archive_config": {k: v for k, v in model_config.items() if k != "handler"},
@@ -557,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling": ceiling,
         "rows": rows,
         "ratios": ratios,
+        "gpu_scaling": scaling,
         "gpu_memory_per_process_mib": memory,
         "command": "python -m loadtest.gpu_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": report.machine(),

@@ -32,7 +32,7 @@ OPTION = {
     "deploy-status": "--run-dir", "loadtest": "--spawn-rate", "loadgen": "--url", "bench": "--levels",
     "bench-gpu": "--levels", "bench-front": "--rounds", "tune": "--p99-ms", "soak": "--digits-requests",
     "render": "--status", "kserve": "--storage-uri", "release": "check-tag", "new": "--task",
-    "bench-startup": "--first-s",
+    "bench-startup": "--first-s", "pod": "--mount",
 }
 
 

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,13 @@ from tests.conftest import built_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVEL = 1 / 255 / min(IMAGENET_STD)  # one 8-bit level in normalised units
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda(test: Callable[..., None]) -> Callable[..., None]:
+    """Skipped without a CUDA device; marked `cuda`, so `pytest -m cuda` (make test-gpu, on a GPU host) selects it."""
+    marked: Callable[..., None] = pytest.mark.cuda(
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+    return marked
 
 
 def jpeg(image: Image.Image, **options: Any) -> bytes:
@@ -423,9 +430,12 @@ def test_on_cuda_the_frozen_program_is_optimized_for_inference() -> None:
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval().cuda()
     x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.inference_mode():
+        expected = block(x)
     traced = torch.jit.trace(block, (x,))  # type: ignore[no-untyped-call]
+    # converting to fp16 converts the parameters the traced program shares with `block`: the reference comes first
     served = compile_for_serving(traced, torch.float16, True, torch.device("cuda"))
     with torch.inference_mode():
-        torch.testing.assert_close(served(x.half().contiguous(memory_format=torch.channels_last)).float(), block(x),
+        torch.testing.assert_close(served(x.half().contiguous(memory_format=torch.channels_last)).float(), expected,
                                    rtol=1e-2, atol=1e-2)
     assert "aten::batch_norm" not in str(served.graph)

@@ -75,6 +75,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "serving"),
     Command("front", "tsforge.front", "run the Open Inference Protocol (v2) front on its own (serve starts it)",
             "serving"),
+    Command("pod", "tsforge.pod", "what a KServe pod runs: TorchServe on loopback, the v2 front on the pod's ports",
+            "serving"),
     Command("deploy", "tsforge.deploy", "roll a model out to a version: register, smoke-test, make default",
             "rollout", ("deploy",)),
     Command("rollback", "tsforge.deploy", "make a model's previous default version the default again", "rollout",

@@ -22,6 +22,7 @@ import yaml
 from export.registry import MODELS, get
 from export.spec import ModelSpec
 from handlers.provenance import VERSION_FILE, hash_files
+from tsforge import gpus
 from tsforge.project import ROOT, archive_version, git_state, project_version
 
 HANDLER_PACKAGE = "handlers"
@@ -77,7 +78,9 @@ def model_config(config_file: Path, device: str = "auto") -> tuple[str, dict[str
 
     On a GPU host (`device` gpu, or auto with CUDA present) the section's TorchServe keys (minWorkers,
     maxWorkers, batchSize, maxBatchDelay...) replace the top-level ones, since TorchServe reads them from
-    the archive; its `handler:` keys stay in the section and apply in each worker whose device is CUDA."""
+    the archive; its `handler:` keys stay in the section and apply in each worker whose device is CUDA.
+    `workers_per_gpu: W` packages W workers (one GPU's worth); the server start scales them to W x the GPUs it
+    sees (tsforge/gpus.py)."""
     text = config_file.read_text()
     if device not in ("auto", "cpu", "gpu"):
         raise SystemExit(f"--device must be auto, cpu or gpu; got {device!r}")
@@ -86,7 +89,13 @@ def model_config(config_file: Path, device: str = "auto") -> tuple[str, dict[str
     section = config.get("gpu") if isinstance(config, dict) else None
     if not gpu or not isinstance(section, dict):
         return text, {}
-    changed = {k: v for k, v in section.items() if k != "handler"}
+    changed = {k: v for k, v in section.items() if k not in ("handler", gpus.PER_GPU_KEY)}
+    try:
+        workers = gpus.per_gpu(config)
+    except ValueError as exc:
+        raise SystemExit(f"{config_file}: {exc}") from None
+    if workers is not None:
+        changed.update(minWorkers=workers, maxWorkers=workers)
     return yaml.safe_dump({**config, **changed}, sort_keys=False), changed
 
 

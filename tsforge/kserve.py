@@ -9,7 +9,9 @@ Layout (one storage root per model, so each model scales on its own):
     OUT/storage/NAME/config/metrics.yaml        the project's metrics configuration
     OUT/storage/NAME/model-store/NAME.mar       the archive (hard-linked from the store where possible)
     OUT/manifests/storage.yaml                  with a pvc:// storage URI: the claim and a pod to copy into it
-    OUT/manifests/servingruntimes.yaml          ServingRuntimes tsforge-torchserve-{cpu,gpu} (deploy/Dockerfile)
+    OUT/manifests/servingruntimes.yaml          ServingRuntimes tsforge-torchserve-{cpu,gpu} (deploy/Dockerfile):
+                                                `python -m tsforge pod` (tsforge/pod.py), TorchServe on loopback
+                                                and the v2 front on the pod's ports
     OUT/manifests/inferenceservices-{v1,v2}-{cpu,gpu}.yaml   one InferenceService per model
     OUT/DERIVATION.md                           how each replica's resources and autoscaling target were derived
 """
@@ -34,9 +36,11 @@ from tsforge import capacity
 from tsforge.project import ROOT, project_version
 
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storage URI's contents
-HTTP_PORT = 8080
-METRICS_PORT = 8082
-GRPC_PORT = 7070
+HTTP_PORT = 8080  # the front's REST port: KServe's and Knative's convention
+GRPC_FRONT_PORT = 8081  # the front's gRPC port (inference.GRPCInferenceService): KServe's model server's convention
+#: the pod's command (tsforge/pod.py); the image sets PYTHONPATH to the project (deploy/Dockerfile)
+POD_COMMAND = ["python", "-m", "tsforge", "pod"]
+MAX_FORM_FIELDS = 1000  # tsforge/front_guard.py's default, written out so an operator sees and can change it
 PROTOCOLS = ("v1", "v2")
 DEVICES = ("cpu", "gpu")
 LOADER_IMAGE = "busybox:1.36.1"
@@ -86,16 +90,20 @@ def config_properties(archive: Archive) -> str:
     """config/config.properties for KServe's TorchServe storage layout."""
     lines = [
         f"# TorchServe configuration for {archive.name} {archive.version} on KServe (written by tsforge.kserve).",
-        f"# KServe mounts the storage URI at {MOUNT}; Knative routes the InferenceService to port {HTTP_PORT}.",
-        "# Inference (v1 /v1/models/NAME:predict and /predictions/NAME, v2 /v2/models/NAME/infer) and metrics are",
-        "# reachable in the pod; management stays on loopback, and the model is registered from model_snapshot.",
-        f"inference_address=http://0.0.0.0:{HTTP_PORT}",
+        f"# KServe mounts the storage URI at {MOUNT}. The pod runs `python -m tsforge pod` (tsforge/pod.py), which",
+        "# starts TorchServe with every address on 127.0.0.1 at free ports (whatever is written here or in TS_*",
+        f"# variables) and the v2 front on the pod's ports: REST {HTTP_PORT} (v2, v1 /v1/models/NAME:predict,",
+        f"# /predictions/NAME, /ping, /metrics) and gRPC {GRPC_FRONT_PORT}. The model is registered from",
+        "# model_snapshot.",
+        "inference_address=http://127.0.0.1:8080",
         "management_address=http://127.0.0.1:8081",
-        f"metrics_address=http://0.0.0.0:{METRICS_PORT}",
-        "grpc_inference_address=0.0.0.0",
+        "metrics_address=http://127.0.0.1:8082",
+        "grpc_inference_address=127.0.0.1",
         "grpc_management_address=127.0.0.1",
-        f"grpc_inference_port={GRPC_PORT}",
+        "grpc_inference_port=7070",
         "grpc_management_port=7071",
+        "# The front refuses form bodies with more fields (413) before TorchServe's own decoder sees them.",
+        f"front_max_form_fields={MAX_FORM_FIELDS}",
         "enable_grpc_ssl=false",
         "ts_open_inference_protocol=true",
         "enable_metrics_api=true",
@@ -107,10 +115,10 @@ def config_properties(archive: Archive) -> str:
         "install_py_dep_per_model=false",
         f"model_store={MOUNT}/model-store",
         "allowed_urls=file://.*\\\\.mar",
-        "# Requests reach the pod through KServe's ingress, which does its own authentication.",
+        "# Only the front is on the pod network; clients are authenticated at the ingress (docs/security.md).",
         "disable_token_authorization=true",
         "enable_model_api=false",
-        "job_queue_size=256",
+        "job_queue_size=2048",  # as config/config.properties: no 503 up to concurrency 1,024
         "default_response_timeout=60",
         "model_snapshot=" + json.dumps(snapshot(archive), separators=(",", ":")),
         "",
@@ -141,22 +149,25 @@ def runtime_name(device: str) -> str:
 
 
 def serving_runtime(device: str, image: str) -> dict[str, Any]:
-    """A namespaced ServingRuntime that runs TorchServe from the project's image on the bundle's layout."""
+    """A namespaced ServingRuntime that runs `tsforge pod` from the project's image on the bundle's layout:
+    TorchServe on loopback, the v2 front on the pod's ports. Knative routes one port, REST; the front's gRPC port
+    is reachable on the pod's address (docs/scaling.md)."""
     return {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "ServingRuntime",
         "metadata": {"name": runtime_name(device), "labels": {"app.kubernetes.io/part-of": "tsforge"}},
         "spec": {
-            "annotations": {"prometheus.kserve.io/port": str(METRICS_PORT), "prometheus.kserve.io/path": "/metrics"},
+            # the front answers GET /metrics with TorchServe's metrics (read on loopback)
+            "annotations": {"prometheus.kserve.io/port": str(HTTP_PORT), "prometheus.kserve.io/path": "/metrics"},
             "supportedModelFormats": [{"name": "pytorch", "version": "1", "autoSelect": False}],
             "protocolVersions": list(PROTOCOLS),
             "containers": [{
                 "name": "kserve-container",
                 "image": image,
-                "args": ["torchserve", "--start", "--foreground", f"--model-store={MOUNT}/model-store",
-                         f"--ts-config={MOUNT}/config/config.properties"],
+                "command": list(POD_COMMAND),
+                "args": ["--mount", MOUNT, "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_FRONT_PORT)],
                 "ports": [{"containerPort": HTTP_PORT, "protocol": "TCP"}],
-                "readinessProbe": {"httpGet": {"path": "/ping", "port": HTTP_PORT}, "periodSeconds": 5},
+                "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 5},
                 "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
                                     "privileged": False, "capabilities": {"drop": ["ALL"]}},
             }],

@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tsforge import jobqueue
 from tsforge.project import ROOT
 from tsforge.server import TorchServe
 
@@ -84,6 +85,7 @@ def report(server: TorchServe, show_all: bool = False) -> str:
     for model, versions in sorted(readiness(server).items()):
         for version, (up, total, default) in sorted(versions.items()):
             lines.append(f"  {'*' if default else ' '} {model} {version}: {up}/{total}")
+    lines += jobqueue.queue_lines(server.url("management"), server.auth("management"))
     families = scrape(server)
     names = sorted(families) if show_all else [n for n in IMPORTANT if n in families]
     lines.append(f"metrics ({server.url('metrics')}/metrics):")

@@ -13,14 +13,30 @@ program (`.pt2`).
 
 Tasks: `image-classification` (handlers/image_handler.py, ImageNet preprocessing: a [N, 3, 224, 224] batch in,
 [N, classes] logits out; labels from `--labels FILE`, one per line, or ImageNet's for a torchvision model with
-1000 classes, else "0".."N-1") and `tensor` (handlers/tensor_handler.py: `--input-shape` without the batch
-dimension, `--dtype`).
+1000 classes, else "0".."N-1"), `image-segmentation` (handlers/segmentation_handler.py: each image scaled to
+224 x 224 in, [N, classes, 224, 224] logits or torchvision's {"out": ...} out; the class map comes back as a PNG
+or runs at the image's size; labels from `--labels`, VOC's for a torchvision segmenter with 21 classes) and
+`tensor` (handlers/tensor_handler.py: `--input-shape` without the batch dimension, `--dtype`).
+
+    tsforge new seg --task image-segmentation --from torchvision:lraspp_mobilenet_v3_large
+    tsforge new det --task object-detection --from torchvision:fasterrcnn_mobilenet_v3_large_320_fpn
+
+`object-detection` (handlers/detection_handler.py: a list of [3, H, W] images in [0, 1] in, torchvision's dicts of
+boxes, labels and scores out; scripted, not traced; labels from `--labels`, COCO's for a torchvision detector).
+
+    tsforge new mytext --task text-classification --from path/to/hf_folder
+
+`text-classification` (handlers/text_classification_handler.py, export/hf_folder.py) takes a local Hugging Face
+sequence-classifier folder, as save_pretrained writes it: config.json (an *ForSequenceClassification architecture;
+labels from its id2label), model.safetensors and tokenizer.json. Nothing is fetched; (input_ids, attention_mask) ->
+logits is traced, and the tokenizer and labels travel in the archive.
 
 It writes into the user's tree (the project checkout, or `--root DIR`):
 
     models/NAME.py            the declaration, discovered by export/registry.py (so is any folder in TSFORGE_MODELS)
     config/models/NAME.yaml   workers, batch size and delay, the handler: and v2: sections
-    examples/NAME/            example inputs: the two sample photos as JPEG files, or seeded random arrays (.json)
+    examples/NAME/            example inputs: the two sample photos as JPEG files (scikit-learn's, from the
+                              examples extra; or yours: --examples IMAGE...), or seeded random arrays (.json)
 
 The model runs once on the example input before anything is written: a missing file, a source that cannot be
 loaded or traced, or a task that does not fit the model is one line naming what was expected, exit 2.
@@ -42,6 +58,7 @@ from export.sources import (
     DTYPES,
     IMAGE_INPUT,
     IMAGE_VARIANTS,
+    PHOTO_SUFFIXES,
     SEED,
     TENSOR_EXAMPLES,
     NewError,
@@ -54,9 +71,10 @@ from export.sources import (
     run_tensor,
     short_message,
 )
+from tsforge.extras import MissingExtra
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = ("image-classification", "tensor")
+TASKS = ("image-classification", "image-segmentation", "text-classification", "tensor", "object-detection")
 
 
 # ---- what `new` writes ----
@@ -80,6 +98,15 @@ def declaration(name: str, task: str, source: Source, *, labels: str | None, var
     if task == "image-classification":
         call = "image_classification"
         args = [f"labels={labels!r}", f"variants={variants!r}"]
+    elif task == "image-segmentation":
+        call = "image_segmentation"
+        args = [f"labels={labels!r}"]
+    elif task == "object-detection":
+        call = "object_detection"
+        args = [f"labels={labels!r}"]
+    elif task == "text-classification":
+        call = "text_classification"
+        args = [f"variants={variants!r}"]
     else:
         call = "tensor_model"
         args = [f"shape={shape!r}", f"dtype={dtype!r}", f"variants={variants!r}"]
@@ -183,6 +210,45 @@ def check_traceable(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -
                            "no data-dependent control flow; a TorchScript or .pt2 source avoids tracing)")
 
 
+def example_photos(given: list[str] | None) -> dict[str, bytes]:
+    """The example images for examples/NAME/, by file name: the user's (`--examples`), else scikit-learn's sample
+    photos; without the `examples` extra and without --examples, one line naming both ways."""
+    if not given:
+        try:
+            return {name: resnet.jpeg(photo) for name, photo in resnet.sample_photos().items()}
+        except MissingExtra as exc:
+            raise NewError(f"{exc}; or give your own example images: --examples IMAGE [IMAGE ...]") from None
+    found: dict[str, bytes] = {}
+    for name in given:
+        path = Path(name)
+        if not path.is_file() or path.suffix.lower() not in PHOTO_SUFFIXES:
+            raise NewError(f"example image {path}: expected an existing {'/'.join(PHOTO_SUFFIXES)} file")
+        try:
+            resnet.imagenet_tensor(path.read_bytes())
+        except Exception as exc:
+            raise NewError(f"example image {path} does not decode as an image: {short_message(exc)}") from exc
+        found[path.name] = path.read_bytes()
+    return found
+
+
+def segmenter_files(name: str, module: torch.nn.Module, source: Source, root: Path, labels: str | None,
+                    variants: tuple[str, ...], given: list[str] | None) -> tuple[str, dict[Path, bytes]]:
+    """image-segmentation: the model checked on an example photo (classes, labels, tracing), its config (the
+    shipped segmenter's settings) and example photos."""
+    from export.models import segmentation
+    from export.sources import segmentation_classes, segmentation_labels
+
+    if variants:
+        raise NewError("image-segmentation exports fp32 TorchScript only; expected no --variants (or none)")
+    named = example_photos(given)
+    image = segmentation.segmenter_tensor(next(iter(named.values()))).unsqueeze(0)
+    classes = segmentation_classes(module, image)
+    segmentation_labels(source, classes, read_labels(root / labels) if labels else None)
+    check_traceable(segmentation.OutTensor(module), (image,))
+    folder = root / "examples" / name
+    return segmentation.config_for(name), {folder / photo: data for photo, data in named.items()}
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.split(","))
@@ -219,9 +285,12 @@ def create(args: argparse.Namespace) -> list[Path]:
     existing = [str(p) for p in files.values() if p.exists()]
     if existing and not args.force:
         raise NewError(f"{existing[0]} already exists (expected a new name, or --force to replace it)")
-    if args.task == "image-classification" and (args.input_shape or args.dtype != "float32"):
-        raise NewError("--input-shape and --dtype are for --task tensor; image-classification takes "
+    if args.task != "tensor" and (args.input_shape or args.dtype != "float32"):
+        raise NewError(f"--input-shape and --dtype are for --task tensor; {args.task} takes "
                        f"{IMAGE_INPUT}")
+    if args.examples and args.task == "tensor":
+        raise NewError("--examples is for image-classification; a tensor model's examples are seeded random arrays "
+                       "(edit examples/NAME/*.json after)")
     weights = relative(root, Path(args.weights)) if args.weights else None
     if weights:
         existing_file(root, weights, "state-dict file (--weights)")
@@ -241,7 +310,8 @@ def create(args: argparse.Namespace) -> list[Path]:
     written: list[Path] = []
     examples = root / "examples" / name
     if args.task == "image-classification":
-        photos = [resnet.jpeg(photo) for photo in resnet.sample_photos().values()]
+        named = example_photos(args.examples)
+        photos = list(named.values())
         image = resnet.imagenet_tensor(photos[0]).unsqueeze(0)
         classes = classes_of(module, image)
         class_labels(source, classes, read_labels(root / labels) if labels else None)
@@ -249,7 +319,23 @@ def create(args: argparse.Namespace) -> list[Path]:
         shape: tuple[int, ...] = ()
         dtype = "float32"
         config = image_config(name, classes)
-        contents = {examples / f"{photo}": data for photo, data in zip(resnet.PHOTO_FILES, photos, strict=True)}
+        contents = {examples / photo: data for photo, data in named.items()}
+    elif args.task == "image-segmentation":
+        shape, dtype = (), "float32"
+        config, contents = segmenter_files(name, module, source, root, labels, variants, args.examples)
+    elif args.task == "object-detection":
+        from export.models import detection
+
+        shape, dtype = (), "float32"
+        coco = source.kind == "torchvision" and not source.options
+        config, contents = detection.new_files(name, module, coco, read_labels(root / labels) if labels else None,
+                                               variants, example_photos(args.examples), examples)
+    elif args.task == "text-classification":
+        from export.hf_folder import new_files
+
+        shape, dtype = (), "float32"
+        config, contents, texts = new_files(name, module, source, root, labels)
+        check_traceable(module, texts)
     else:
         if args.input_shape:
             shape, dtype = parse_shape(args.input_shape), args.dtype
@@ -281,10 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="the model's name: archive, endpoint and declaration module")
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--from", dest="source", required=True, metavar="SOURCE",
-                        help="torchvision:NAME, FILE.py:FUNCTION, a TorchScript file or a .pt2 program")
+                        help="torchvision:NAME, FILE.py:FUNCTION, a TorchScript file, a .pt2 program or a local "
+                        "Hugging Face folder (text-classification)")
     parser.add_argument("--weights", help="a state dict for the model (torch.load with weights_only=True)")
     parser.add_argument("--num-classes", type=int, help="torchvision:NAME's output classes (default 1000)")
-    parser.add_argument("--labels", help="class names, one per line (image-classification)")
+    parser.add_argument("--labels", help="class names, one per line (image tasks)")
+    parser.add_argument("--examples", nargs="+", metavar="IMAGE", help="example images (image-classification; "
+                        "default: scikit-learn's two sample photos, from the examples extra)")
     parser.add_argument("--input-shape", help="one input without the batch dimension, e.g. 1,8,8 (tensor)")
     parser.add_argument("--dtype", default="float32", help="the input's dtype (tensor; default float32)")
     parser.add_argument("--variants", help="exports beside fp32 TorchScript, comma-separated, or none "

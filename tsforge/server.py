@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import requests
 
-from tsforge import frontproc, procgroup
+from tsforge import frontproc, gpus, procgroup
 from tsforge.project import ROOT
 
 PORT_KEYS = {
@@ -226,6 +226,7 @@ class TorchServe:
         self.run_dir = self.run_dir.resolve()
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: StartupWatch | None = None
+        self._scaling: dict[str, int] = {}  # model -> workers still to ask for (workers per GPU x GPUs)
         props = read_properties(self.config)
         # Relative paths in a profile are relative to the project root; TorchServe runs in run_dir.
         for key in PATH_KEYS:
@@ -296,6 +297,10 @@ class TorchServe:
         state = read_java_properties(snapshot).get(SNAPSHOT_KEY) if snapshot else None
         if state:
             props[SNAPSHOT_KEY] = json.dumps(json.loads(state), separators=(",", ":"))
+        # Workers per GPU (tsforge/gpus.py): TorchServe's device count and the worker counts from the GPUs seen here.
+        devices = gpus.visible_gpus(props.get(gpus.GPU_COUNT_KEY))
+        props[gpus.GPU_COUNT_KEY] = str(devices)
+        self._scaling = {} if state else gpus.worker_plan(Path(self.props["model_store"]), self.models, devices)
         rendered = self.run_dir / "config.properties"
         write_properties(rendered, props)
         command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
@@ -382,7 +387,11 @@ class TorchServe:
             if time.monotonic() > deadline:
                 raise ServerError(f"TorchServe not ready after {timeout:.0f}s ({pending[0]}: {last}); "
                                   f"see {self.log_file}")
+            self._scaling = {m: n for m, n in self._scaling.items()
+                             if not gpus.scale(self.url("management"), self.auth("management"), m, n)}
             ok, last = self._check(pending[0])
+            if pending[0].removeprefix("/models/") in self._scaling:  # ready only with all its GPUs' workers
+                ok, last = False, f"scaling to {self._scaling[pending[0].removeprefix('/models/')]} workers"
             if ok:
                 pending.pop(0)
             else:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from export.spec import ModelSpec, PreparedModel
+from tsforge import extras
 
 SEED = 0
 SIDE = 224
@@ -40,19 +41,27 @@ def imagenet_labels() -> list[str]:
     return categories
 
 
+#: the subject of the message when scikit-learn (the `examples` extra) is missing
+SAMPLE_PHOTOS_PURPOSE = f"scikit-learn's sample photos ({', '.join(PHOTO_FILES)}; or a folder of them in {PHOTOS_ENV})"
+
+
+def sample_photos_available() -> bool:
+    return bool(os.environ.get(PHOTOS_ENV)) or extras.available("sklearn")
+
+
 def sample_photos() -> dict[str, np.ndarray]:
     """scikit-learn's bundled photos (china.jpg, flower.jpg) as HxWx3 uint8 arrays.
 
     Where scikit-learn is missing (a GPU host without a package index), `TSFORGE_SAMPLE_PHOTOS` names a
-    folder holding the same two JPEG files, read as scikit-learn reads them (Pillow, RGB)."""
+    folder holding the same two JPEG files, read as scikit-learn reads them (Pillow, RGB). Neither: MissingExtra,
+    one line naming the `examples` extra."""
     folder = os.environ.get(PHOTOS_ENV)
     if folder:
         from PIL import Image
 
         return {name: np.asarray(Image.open(Path(folder) / name).convert("RGB")) for name in PHOTO_FILES}
-    from sklearn.datasets import load_sample_images
-
-    bundle = load_sample_images()
+    datasets = extras.require("sklearn.datasets", "examples", SAMPLE_PHOTOS_PURPOSE)
+    bundle = datasets.load_sample_images()
     return {name.rsplit("/", 1)[-1]: image for name, image in zip(bundle.filenames, bundle.images, strict=True)}
 
 
@@ -71,14 +80,15 @@ def imagenet_tensor(data: bytes) -> torch.Tensor:
     return ImagePreprocessor().tensor(data)
 
 
-def real_views(count: int, seed: int, *, max_side: int | None = None) -> list[bytes]:
-    """`count` JPEG views of the two sample photos (random crops, scales and mirror images): real image
-    statistics for calibration and accuracy checks, with no data set to download. `max_side` bounds the
+def real_views(count: int, seed: int, *, max_side: int | None = None,
+               sources: list[np.ndarray] | None = None) -> list[bytes]:
+    """`count` JPEG views of the two sample photos, or of `sources` (random crops, scales and mirror images): real
+    image statistics for calibration and accuracy checks, with no data set to download. `max_side` bounds the
     shorter side (the handler resizes to 256 anyway), to keep the views an archive carries small."""
     from PIL import Image, ImageOps
 
     rng = np.random.default_rng(seed)
-    photos = [Image.fromarray(p) for p in sample_photos().values()]
+    photos = [Image.fromarray(p) for p in (sample_photos().values() if sources is None else sources)]
     views = []
     for n in range(count):
         photo = photos[n % len(photos)]
@@ -93,18 +103,19 @@ def real_views(count: int, seed: int, *, max_side: int | None = None) -> list[by
     return views
 
 
-def real_inputs(count: int, seed: int) -> torch.Tensor:
-    """`count` preprocessed views of the sample photos (`real_views`), as the model takes them."""
-    return torch.stack([imagenet_tensor(view) for view in real_views(count, seed)])
+def real_inputs(count: int, seed: int, sources: list[np.ndarray] | None = None) -> torch.Tensor:
+    """`count` preprocessed views of the sample photos (or `sources`: `real_views`), as the model takes them."""
+    return torch.stack([imagenet_tensor(view) for view in real_views(count, seed, sources=sources)])
 
 
 #: held-out views each worker checks its variant on (handlers/accuracy.py), apart from calibration's and export's
 HELDOUT_VIEWS = 64
 
 
-def quality(fp32: Callable[..., torch.Tensor], variant: Callable[..., torch.Tensor]) -> dict[str, float]:
+def quality(fp32: Callable[..., torch.Tensor], variant: Callable[..., torch.Tensor],
+            sources: list[np.ndarray] | None = None) -> dict[str, float]:
     """Top-1 agreement and the largest logit difference against fp32 on 32 held-out views of real photos."""
-    held_out = real_inputs(32, seed=SEED + 1)
+    held_out = real_inputs(32, seed=SEED + 1, sources=sources)
     with torch.inference_mode():
         expected, actual = fp32(held_out), variant(held_out)
     return {"top1_agreement": round(float((expected.argmax(1) == actual.argmax(1)).float().mean()), 4),
@@ -135,6 +146,8 @@ def prepare_classifier(model: torch.nn.Module, labels: list[str], examples: list
     `examples` (image files) become examples.json with the fp32 model's top-1 label; the first is traced."""
     model = model.eval()
     photos = examples or [jpeg(sample_photos()[EXAMPLE_PHOTO])]
+    sources = view_sources(examples)
+    of = "scikit-learn's two sample photos" if sources is None else f"the {len(photos)} example images"
     real = imagenet_tensor(photos[0]).unsqueeze(0)
     noise = torch.randn(3, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(SEED))
     with torch.inference_mode():
@@ -148,12 +161,22 @@ def prepare_classifier(model: torch.nn.Module, labels: list[str], examples: list
         labels=labels,
         metrics={"parameters": float(sum(p.numel() for p in model.parameters()))},
         extra_files={"examples.json": json.dumps(example, indent=1).encode()},
-        calibration=(real_inputs(32, seed=SEED),),
-        quality=quality,
+        calibration=(real_inputs(32, seed=SEED, sources=sources),),
+        quality=partial(quality, sources=sources),
         heldout=[{"data": base64.b64encode(view).decode()} for view in
-                 real_views(HELDOUT_VIEWS, seed=SEED + 2, max_side=SIDE + 32)],
-        heldout_about=f"{HELDOUT_VIEWS} views (crops, scales, mirror images) of scikit-learn's two sample photos",
+                 real_views(HELDOUT_VIEWS, seed=SEED + 2, max_side=SIDE + 32, sources=sources)],
+        heldout_about=f"{HELDOUT_VIEWS} views (crops, scales, mirror images) of {of}",
     )
+
+
+def view_sources(examples: list[bytes] | None) -> list[np.ndarray] | None:
+    """What calibration and the held-out checks take views of: the sample photos (None) where they can be had, else
+    the example images the user gave (a tree without the `examples` extra)."""
+    if examples is None or sample_photos_available():
+        return None
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in examples]
 
 
 def classifier_spec(name: str, factory: Callable[[], PreparedModel], *, description: str,
