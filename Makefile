@@ -11,7 +11,7 @@ STORE   ?= model_store
 REPORTS ?= reports
 MODEL   ?= digits# the model that serve and predict use
 MODELS  ?= $(MODEL)# the models that export and archive build: by default what serve serves
-# The exports beside fp32 TorchScript (tsforge/wanted.py): quick (every declared variant but AOTInductor, whose C++
+# The exports beside fp32 TorchScript (tsforge/packaging/wanted.py): quick (every declared variant but AOTInductor, whose C++
 # compile takes 30-46 s a model), all, none, or names (int8,onnx,onnx-int8,aotinductor). The suite's targets build
 # all: its tests serve every variant.
 SUITE_GOALS := test test-isa package reliability-data
@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.installed-dev
 HANDLER_SOURCES := $(wildcard handlers/*.py)
-EXPORT_SOURCES := $(wildcard export/*.py export/models/*.py tsforge/new.py models/*.py $(addsuffix /*.py,$(subst :, ,$(TSFORGE_MODELS)))) handlers/runtimes.py
+EXPORT_SOURCES := $(wildcard export/*.py export/models/*.py tsforge/packaging/new.py models/*.py $(addsuffix /*.py,$(subst :, ,$(TSFORGE_MODELS)))) handlers/runtimes.py
 ARCHIVES := $(MODELS:%=$(STORE)/%.mar)
 
 # The git state of the served code, rewritten only when it changes, so archives record the commit
@@ -35,7 +35,7 @@ $(shell mkdir -p $(BUILD); [ "$$(cat $(GIT_STATE) 2>/dev/null)" = "$(_state)" ] 
 
 # build/NAME/variants records the variants NAME's export holds; it is rewritten (and the export redone, with the
 # union) only when VARIANTS asks for more, so `make serve` after `make test` rebuilds nothing.
-$(shell $(PYTHON) -m tsforge.wanted --build $(BUILD) --variants '$(VARIANTS)' $(sort $(MODELS) $(MODEL)))
+$(shell $(PYTHON) -m tsforge.packaging.wanted --build $(BUILD) --variants '$(VARIANTS)' $(sort $(MODELS) $(MODEL)))
 
 .PHONY: help install install-dev export archive serve stop status predict grpc test lint clean
 
@@ -70,7 +70,7 @@ $(BUILD)/%/export.json: $(EXPORT_SOURCES) $(BUILD)/%/variants | $(INSTALLED)
 	$(PY) -m tsforge export $* --out-dir $(BUILD) --variants "$$(cat $(BUILD)/$*/variants)"
 
 $(BUILD)/%/variants:
-	$(PYTHON) -m tsforge.wanted --build $(BUILD) --variants '$(VARIANTS)' $*
+	$(PYTHON) -m tsforge.packaging.wanted --build $(BUILD) --variants '$(VARIANTS)' $*
 
 archive: $(ARCHIVES) ## Package MODELS into model_store/NAME.mar with a version file
 

@@ -1,5 +1,5 @@
 """python -m export NAME [NAME ...] --out-dir build [--variants quick]: export declared models to TorchScript,
-with the variants asked for (tsforge/wanted.py: quick, the default, is every declared one but AOTInductor)."""
+with the variants asked for (tsforge/packaging/wanted.py: quick, the default, is every declared one but AOTInductor)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from export.exporter import export_model
 from export.registry import MODELS, get
 from export.spec import ExportError
-from tsforge import wanted
+from tsforge.packaging import wanted
 
 
 def main(argv: list[str] | None = None) -> int:

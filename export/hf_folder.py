@@ -226,7 +226,7 @@ handler:
   top_k: {min(5, len(labels))}              # classes in each answer's "probabilities"
   # bf16/fp16 run the fp32 program under autocast (the traced attention mask is pinned to fp32)
   reduced_precision: autocast
-# Open Inference Protocol tensors, as `make serve`'s v2 front (tsforge/front.py) describes them to clients
+# Open Inference Protocol tensors, as `make serve`'s v2 front (tsforge/serving/front.py) describes them to clients
 v2:
   inputs:
     - {{name: text, datatype: BYTES, shape: [-1]}}

@@ -26,7 +26,9 @@ import torch
 from export.spec import ExportError, ModelSpec, PreparedModel
 from handlers import runtimes
 from tsforge import extras
-from tsforge.wanted import VARIANT_NAMES as VARIANT_NAMES  # one list of names, stdlib-readable for the Makefile
+from tsforge.packaging.wanted import (
+    VARIANT_NAMES as VARIANT_NAMES,  # one list of names, stdlib-readable for the Makefile
+)
 
 log = logging.getLogger(__name__)
 #: the (backend, precision) each export is served as

@@ -10,7 +10,7 @@ the handler, not the frontend, must recognise a v2 request and answer in v2 form
 `data` may be flat (row-major, as the protocol says) or nested; its element count must match `shape`.
 BYTES elements are strings: base64 for binary payloads such as images, plain text for text models. An input
 with `"parameters": {"content_type": "base64"}` (MLServer's name for it) holds base64 of raw bytes, which are
-decoded here; the v2 front (tsforge/front.py) sends raw gRPC bytes that way.
+decoded here; the v2 front (tsforge/serving/front.py) sends raw gRPC bytes that way.
 By default the first axis of an input is the batch: each slice along it is one item for the handler's
 `decode`, and each output carries the same leading batch dimension.
 

@@ -62,7 +62,7 @@ def unrecorded(root: Path, record: dict[str, Any]) -> list[str]:
 def problems(root: Path, manifest_version: str | None) -> list[str]:
     """Everything that makes the unpacked archive at `root` differ from its version file; empty when it agrees."""
     if not (root / VERSION_FILE).is_file():
-        return [f"{VERSION_FILE} is missing: the archive was not built by tsforge.archive"]
+        return [f"{VERSION_FILE} is missing: the archive was not built by tsforge.packaging.archive"]
     record = read(root)
     found = mismatches(root, record) + unrecorded(root, record)
     if manifest_version is not None and str(record.get("version")) != str(manifest_version):

@@ -47,7 +47,7 @@ from loadtest.payloads import Case
 from loadtest.serving import selection, torchserve
 from tsforge import extras
 from tsforge.project import ROOT
-from tsforge.server import free_port
+from tsforge.serving.server import free_port
 
 # TorchServe's stock handler for each tsforge handler, where one exists.
 STOCK_HANDLERS = {"image_handler.py": "image_classifier", "segmentation_handler.py": "image_segmenter",

@@ -2,7 +2,8 @@
 
     python -m loadtest.form_flood [--duration 30] [--users 4] [--flooders 4] [--fields 800000] [--out DIR]
 
-One TorchServe (dev profile, free ports) with digits, and the v2 front beside it (tsforge/frontproc.py). For each
+One TorchServe (dev profile, free ports) with digits, and the v2 front beside it (tsforge/serving/frontproc.py). For
+each
 path, front first (a flooded TorchServe takes a while to recover): `--users` closed-loop clients send digits
 requests (checked against reference answers) for `--duration` s alone, then again while `--flooders` clients, in a
 process of their own, send `application/x-www-form-urlencoded` bodies of `--fields` tiny fields (800,000 fields
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest import report as report_module
     from loadtest.inprocess import prepared_cases
     from loadtest.serving import torchserve
-    from tsforge import extras, frontproc
+    from tsforge import extras
+    from tsforge.serving import frontproc
 
     extras.need("kserve", "front", "form-flood (the v2 front)")
     cases = prepared_cases("digits", ROOT / "model_store" / "digits.mar")

@@ -2,7 +2,7 @@
 
     python -m loadtest.front_cost --models resnet18,digits --users 16 --duration 20 --rounds 2
 
-One TorchServe (dev profile, free ports) with the models and the front beside it (tsforge/frontproc.py). Each
+One TorchServe (dev profile, free ports) with the models and the front beside it (tsforge/serving/frontproc.py). Each
 request is a v2 infer of one real input (scikit-learn's photos, digit images) as a base64 BYTES element, so both
 paths parse the same JSON; every answer must be a 200. A third path sends the same element through the front in
 the binary tensor extension, as tritonclient's HTTP client does by default (its own request encoder), with a JSON
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from loadtest import report as report_module
     from loadtest.serving import torchserve
-    from tsforge import frontproc
+    from tsforge.serving import frontproc
 
     # The extras the run needs, before TorchServe starts: one line naming the extra.
     extras.need("kserve", "front", "bench-front (the v2 front)")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "front-cost.json").write_text(json.dumps(report, indent=2) + "\n")
     committed = {model: {path: ({k: v for k, v in row.items() if k != "runs"} if isinstance(row, dict) else row)
                          for path, row in paths.items()} for model, paths in results.items()}
-    report_module.write_data({"schema": "tsforge.front-cost/1", **report, "models": committed,
+    report_module.write_data({"schema": "tsforge.serving.front-cost/1", **report, "models": committed,
                               "raw_report": report_module.shown(args.out / "front-cost.json")},
                               args.data or args.out / "front-cost-summary.json")
     (args.out / "front-cost.md").write_text(markdown(report))

@@ -6,7 +6,7 @@
    in it becomes JAVA_HOME), pure-Python wheels installed without an index (`--wheels`), the two sample photos
    as files where scikit-learn is missing (`--photos`, read by export/models/resnet.py);
 2. export (TorchScript only: no int8/ONNX variants, which a GPU does not serve) and archive the model here,
-   so `tsforge.archive` packages the config's `gpu:` settings when CUDA is present;
+   so `tsforge.packaging.archive` packages the config's `gpu:` settings when CUDA is present;
 3. payloads: crops and mirror images of the two photos as raw JPEG bodies, with reference answers from the
    archive's handler in this process on the GPU; the same handler on the CPU in fp32 gives the parity
    figures (label agreement, largest change of a top-1 probability);
@@ -96,7 +96,7 @@ def export_and_archive(model: str, model_name: str | None, handler: str | None, 
     """The archive, exported (TorchScript only) unless `build_dir` already holds the export."""
     from export.exporter import export_model
     from export.registry import get
-    from tsforge import archive
+    from tsforge.packaging import archive
 
     spec = get(model)
     export_dir = build_dir / model
@@ -374,7 +374,8 @@ def save_partial(row: dict[str, Any]) -> None:
 def serve_and_measure(label: str, model: str, store: Path, cases: list[Case], levels: list[int], duration: float,
                       warmup: float, clients: int,
                       gpus: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """`gpus`: serve on the first N GPUs only (TorchServe's number_of_gpu; the workers follow, tsforge/gpus.py)."""
+    """`gpus`: serve on the first N GPUs only (TorchServe's number_of_gpu; the workers follow, "
+    "tsforge/serving/gpus.py)."""
     from loadtest import report
     from loadtest.monitor import MetricsScraper, monitored
     from loadtest.serving import torchserve

@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         print(summary["error"], flush=True)
         save(summary, args.out)
         return 1
-    from tsforge.gpus import visible_gpus
+    from tsforge.serving.gpus import visible_gpus
 
     gpus = visible_gpus()
     mars = {}

@@ -66,7 +66,7 @@ class GrpcClient:
     def __init__(self, target: str, model: str, timeout_s: float = 60.0) -> None:
         import grpc
 
-        from tsforge.grpc_stubs import stubs
+        from tsforge.clients.grpc_stubs import stubs
 
         self.stubs = stubs()
         self.channel = grpc.aio.insecure_channel(target)

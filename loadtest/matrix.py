@@ -21,7 +21,7 @@ import yaml
 
 from handlers import autoselect, runtimes
 from handlers.capabilities import CPU_FLAGS, Capabilities, detect
-from tsforge import archive
+from tsforge.packaging import archive
 
 
 def cells(mar: Path, export_dir: Path) -> list[runtimes.Variant]:

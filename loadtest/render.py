@@ -19,7 +19,8 @@ from typing import Any
 
 from loadtest import matrix
 from loadtest.report import replace_generated_block, shown
-from tsforge import capacity, extras
+from tsforge import extras
+from tsforge.kube import capacity
 from tsforge.project import ROOT
 
 #: a report as rendered: where its JSON is (as the docs name it) and what it holds
@@ -357,7 +358,7 @@ SCALING_LOADS = (100, 500, 1000, 10000)
 
 
 def _sizings(benches: list[Report], data: Path) -> list[tuple[Report, capacity.Sizing]]:
-    """Each model's sizing by tsforge.capacity's rule, from the same files it reads for `make kserve`."""
+    """Each model's sizing by tsforge.kube.capacity's rule, from the same files it reads for `make kserve`."""
     measured = capacity.measurements(ROOT, data)
     found = []
     for source, bench in benches:

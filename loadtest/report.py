@@ -43,7 +43,7 @@ def shown(path: Path) -> str:
 
 
 def server_pid(run_dir: Path) -> int | None:
-    """The TorchServe started from run_dir (tsforge.server writes its pid file there)."""
+    """The TorchServe started from run_dir (tsforge.serving.server writes its pid file there)."""
     try:
         return int((run_dir / "torchserve.pid").read_text().strip())
     except (FileNotFoundError, ValueError):

@@ -30,7 +30,7 @@ from loadtest.payloads import mislabel, save
 from loadtest.serving import torchserve
 from tsforge import extras
 from tsforge.project import ROOT
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 LOCUSTFILES = ROOT / "loadtest" / "locustfiles"
 

@@ -12,7 +12,7 @@ from typing import Any
 import requests
 
 from tsforge.project import ROOT
-from tsforge.server import TorchServe, free_port_overrides, model_args
+from tsforge.serving.server import TorchServe, free_port_overrides, model_args
 
 RUN_ROOT = ROOT / "build" / "loadtest" / "serve"
 DEV_CONFIG = ROOT / "config" / "config.properties"

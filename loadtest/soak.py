@@ -31,7 +31,7 @@ from loadtest.payloads import Case, check
 from loadtest.report import machine, now, shown, write_data
 from tsforge import extras
 from tsforge.project import ROOT
-from tsforge.server import TorchServe, free_port_overrides, model_args
+from tsforge.serving.server import TorchServe, free_port_overrides, model_args
 
 GOAL_PCT = 5.0
 SCHEMA = "tsforge.soak/1"

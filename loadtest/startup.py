@@ -28,7 +28,7 @@ import yaml
 from loadtest import report
 from loadtest.serving import selection
 from tsforge.project import ROOT
-from tsforge.server import TorchServe, free_port_overrides
+from tsforge.serving.server import TorchServe, free_port_overrides
 
 DEFAULT_CONFIG = ROOT / "config" / "config.properties"
 SCHEMA = "tsforge.startup/1"

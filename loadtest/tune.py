@@ -37,9 +37,10 @@ from loadtest.loadgen import load
 from loadtest.monitor import monitored
 from loadtest.payloads import Case
 from loadtest.serving import torchserve
-from tsforge import archive, extras
+from tsforge import extras
+from tsforge.packaging import archive
 from tsforge.project import ROOT
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 TUNE_BUILD = ROOT / "build" / "tune"
 

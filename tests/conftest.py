@@ -15,7 +15,7 @@ from PIL import Image
 
 from export.models.digits import load_split
 from handlers import runtimes
-from tsforge.server import TorchServe, free_port_overrides, model_args
+from tsforge.serving.server import TorchServe, free_port_overrides, model_args
 
 ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "model_store"
@@ -70,7 +70,7 @@ def session_choice_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 @pytest.fixture(scope="session", autouse=True)
 def every_variant() -> Iterator[None]:
     """The suite serves and checks every variant a model declares: each `make` it runs (built_archive, bench, ...)
-    builds them all (`VARIANTS=all`; `make archive` alone leaves AOTInductor out, tsforge/wanted.py)."""
+    builds them all (`VARIANTS=all`; `make archive` alone leaves AOTInductor out, tsforge/packaging/wanted.py)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VARIANTS", "all")
         yield

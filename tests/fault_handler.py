@@ -6,7 +6,8 @@
         sleep_s: 5         # the model's first `slow_batches` batches (all workers, all starts) sleep this long
         slow_batches: 1    # before inference: a model slower than responseTimeout, then fast again
 
-Packaged only by the tests (tsforge.archive --handler tests/fault_handler.py); `describe()` also lists the names
+Packaged only by the tests (tsforge.packaging.archive --handler tests/fault_handler.py); `describe()` also lists the
+names
 of the environment variables the worker sees, for the secrets check.
 """
 

@@ -30,7 +30,7 @@ from loadtest.serving import selection
 from tests.conftest import BUILD, StartServer, built_archive, png_bytes
 from tests.test_digits_handler import make_context
 from tests.test_telemetry import handler_samples
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 DAMAGED = Variant("onnxruntime", "int8")
 LAST_LAYER = ("classifier.3.weight_quantized", "classifier.3.weight_scale", "classifier.3.weight_zero_point",

@@ -37,4 +37,4 @@ def test_rerunning_archive_does_no_work() -> None:
     question = subprocess.run(["make", "--question", "model_store/digits.mar", "MODELS=digits"], cwd=ROOT)
     assert question.returncode == 0, "make archive would rebuild although nothing changed"
     dry_run = subprocess.run(["make", "-n", "archive", "MODELS=digits"], cwd=ROOT, capture_output=True, text=True)
-    assert "tsforge archive" not in dry_run.stdout and "tsforge.archive" not in dry_run.stdout
+    assert "tsforge archive" not in dry_run.stdout and "tsforge.packaging.archive" not in dry_run.stdout

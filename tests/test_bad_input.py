@@ -23,7 +23,7 @@ from export.models.resnet import sample_photos
 from tests.conftest import StartServer, built_archive
 from tests.test_images import bomb_png, save
 from tests.test_reliability import record
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 

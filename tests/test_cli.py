@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import tsforge.verify
+import tsforge.packaging.verify
 from tsforge import _main
 from tsforge._main import COMMANDS, Command
 
@@ -27,7 +27,7 @@ REQUIRED = {"export", "archive", "serve", "stop", "predict", "deploy", "rollback
 # One option of each command's own parser: its --help must show it.
 OPTION = {
     "export": "--out-dir", "archive": "--build-dir", "verify": "--store", "serve": "--models", "stop": "--grace",
-    "status": "--run-dir", "predict": "--file", "grpc": "--run-dir", "grpc-stubs": "tsforge.grpc_stubs",
+    "status": "--run-dir", "predict": "--file", "grpc": "--run-dir", "grpc-stubs": "tsforge.clients.grpc_stubs",
     "metrics": "--all", "front": "--http-port", "deploy": "--to", "rollback": "--to", "undeploy": "--run-dir",
     "deploy-status": "--run-dir", "loadtest": "--spawn-rate", "loadgen": "--url", "bench": "--levels",
     "bench-gpu": "--levels", "bench-front": "--rounds", "tune": "--p99-ms", "soak": "--digits-requests",
@@ -160,7 +160,7 @@ def test_an_unexpected_exception_keeps_its_traceback(monkeypatch: pytest.MonkeyP
     def broken(argv: list[str] | None = None) -> int:
         raise ValueError("a bug")
 
-    monkeypatch.setattr(tsforge.verify, "main", broken)
+    monkeypatch.setattr(tsforge.packaging.verify, "main", broken)
     with pytest.raises(ValueError, match="a bug"):
         _main.main(["verify"])
     monkeypatch.setitem(COMMANDS, "ghost", Command("ghost", "tsforge.no_such_module", "", "models"))
@@ -172,14 +172,14 @@ def test_ctrl_c_is_one_line_and_130(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     def interrupted(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tsforge.verify, "main", interrupted)
+    monkeypatch.setattr(tsforge.packaging.verify, "main", interrupted)
     assert _main.main(["verify"]) == 130
     assert capsys.readouterr().err == "tsforge verify: error: interrupted\n"
 
 
 def test_a_missing_package_is_one_line_naming_what_to_install(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.delitem(sys.modules, "tsforge.front", raising=False)
+    monkeypatch.delitem(sys.modules, "tsforge.serving.front", raising=False)
     monkeypatch.setitem(sys.modules, "kserve", None)  # `import kserve` now fails as if it were not installed
     assert _main.main(["front", "--help"]) == 2
     captured = capsys.readouterr()

@@ -28,8 +28,8 @@ from loadtest.payloads import Case
 from tests.conftest import BUILD, ROOT, built_archive
 from tests.test_images import bomb_png, save
 from tests.test_new import tsforge
-from tsforge import archive
-from tsforge.server import TorchServe
+from tsforge.packaging import archive
+from tsforge.serving.server import TorchServe
 
 MODEL = "detector"
 #: box corners in pixels, scores: the handler resizes [0, 1] floats before the model normalises them, eager after;

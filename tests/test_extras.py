@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from tsforge import _main, extras, frontproc
+from tsforge import _main, extras
 from tsforge.extras import MissingExtra
+from tsforge.serving import frontproc
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -173,10 +174,10 @@ def test_minilm_example(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_front_module_and_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     blocked(monkeypatch, "kserve")
-    monkeypatch.delitem(sys.modules, "tsforge.front", raising=False)
+    monkeypatch.delitem(sys.modules, "tsforge.serving.front", raising=False)
     with pytest.raises(MissingExtra, match=re.escape(expect("front", "kserve"))):
-        importlib.import_module("tsforge.front")
-    monkeypatch.delitem(sys.modules, "tsforge.front", raising=False)
+        importlib.import_module("tsforge.serving.front")
+    monkeypatch.delitem(sys.modules, "tsforge.serving.front", raising=False)
     assert _main.main(["front", "--help"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == "tsforge front: error: the v2 front (tsforge front) " + expect("front", "kserve")
@@ -290,9 +291,11 @@ from tsforge import _main, extras
 for module in extras.EXTRAS:
     sys.modules[module] = None
 for module in ["handlers.base", "handlers.image_handler", "handlers.text_handler", "handlers.tensor_handler",
-               "handlers.digits_handler", "handlers.runtimes", "tsforge.server", "tsforge.frontproc",
-               "tsforge.archive", "tsforge.new", "tsforge.predict", "tsforge.deploy", "tsforge.metrics",
-               "tsforge.grpc_client", "tsforge.kserve", "tsforge.verify", "export.exporter", "loadtest.run",
+               "handlers.digits_handler", "handlers.runtimes", "tsforge.serving.server", "tsforge.serving.frontproc",
+               "tsforge.packaging.archive", "tsforge.packaging.new", "tsforge.clients.predict",
+               "tsforge.clients.deploy", "tsforge.serving.metrics",
+               "tsforge.clients.grpc_client", "tsforge.kube.kserve", "tsforge.packaging.verify", "export.exporter",
+               "loadtest.run",
                "loadtest.bench", "loadtest.tune", "loadtest.soak", "loadtest.render", "loadtest.front_cost"]:
     importlib.import_module(module)
 from export import registry

@@ -1,4 +1,4 @@
-"""The standard v2 front (tsforge/front.py) against a real TorchServe, with clients nobody here wrote:
+"""The standard v2 front (tsforge/serving/front.py) against a real TorchServe, with clients nobody here wrote:
 tritonclient over REST and gRPC in this process, and the `kserve` package's own REST and gRPC clients in a
 subprocess (kserve and tritonclient.grpc register the same `inference.*` protos, so one process cannot hold both).
 Every example model: health, ready, metadata as its config declares it, and infer agreeing with TorchServe's own
@@ -24,9 +24,9 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import ROOT, StartServer, built_archive
 from tests.test_security import listening_addresses
 from tests.v2_inputs import as_json_strings, inputs_for
-from tsforge import frontproc
-from tsforge.front_rest import MAX_REQUEST_SIZE, error_message
-from tsforge.server import KEY_FILE, TorchServe
+from tsforge.serving import frontproc
+from tsforge.serving.front_rest import MAX_REQUEST_SIZE, error_message
+from tsforge.serving.server import KEY_FILE, TorchServe
 
 MODELS = ["digits", "digits_image", "digits_tensor", "resnet18", "minilm"]
 PROD_CONFIG = ROOT / "config" / "prod.properties"

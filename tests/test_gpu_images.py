@@ -263,7 +263,7 @@ def test_gpu_section_applies_on_cuda_only() -> None:
     assert device_overrides(config, torch.device("cpu")) == {}
     overrides = device_overrides(config, torch.device("cuda", 0))
     assert overrides["precision"] == "fp16" and overrides["channels_last"] is True
-    from tsforge.archive import model_config
+    from tsforge.packaging.archive import model_config
 
     text, changed = model_config(ROOT / "config" / "models" / "resnet50.yaml", "gpu")
     packaged = yaml.safe_load(text)
@@ -278,7 +278,7 @@ def test_gpu_section_applies_on_cuda_only() -> None:
 @pytest.fixture(scope="module")
 def small_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits CNN behind the image handler (grey, 8x8, bilinear: a resize the GPU path computes)."""
-    from tsforge import archive
+    from tsforge.packaging import archive
 
     if not (ROOT / "build" / "digits" / "export.json").is_file():
         subprocess.run(["make", "-s", "build/digits/export.json", "MODELS=digits"], cwd=ROOT, check=True)

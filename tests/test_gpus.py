@@ -1,4 +1,4 @@
-"""Workers per GPU (tsforge/gpus.py): the archive carries one GPU's worth, the server start multiplies it by the
+"""Workers per GPU (tsforge/serving/gpus.py): the archive carries one GPU's worth, the server start multiplies it by the
 GPUs it counts and tells TorchServe that count. The GPU count is replaced here (this machine has none); the
 scaling itself runs against a real TorchServe."""
 
@@ -12,8 +12,9 @@ import requests
 import yaml
 
 from tests.conftest import BUILD, ROOT, StartServer, built_archive
-from tsforge import archive, gpus
-from tsforge.server import read_properties
+from tsforge.packaging import archive
+from tsforge.serving import gpus
+from tsforge.serving.server import read_properties
 
 RESNET50 = ROOT / "config" / "models" / "resnet50.yaml"
 

@@ -10,9 +10,9 @@ import requests
 
 from tests.conftest import ROOT, StartServer
 from tests.test_rollout import PROD, versioned_store
-from tsforge.grpc_client import GrpcClient, as_input_map
-from tsforge.predict import archive_examples
-from tsforge.server import TorchServe
+from tsforge.clients.grpc_client import GrpcClient, as_input_map
+from tsforge.clients.predict import archive_examples
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 

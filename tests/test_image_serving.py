@@ -30,8 +30,8 @@ from handlers.runtimes import compile_for_serving, onednn_fusion
 from loadtest.serving import selection as served_selection
 from tests.conftest import BUILD, ROOT, built_archive, offline_runner, png_bytes
 from tests.test_images import bomb_png, save, with_orientation
-from tsforge import archive
-from tsforge.server import TorchServe
+from tsforge.packaging import archive
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 

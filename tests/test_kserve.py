@@ -15,7 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tsforge import capacity, kserve, release
+from tsforge.kube import capacity, kserve
+from tsforge.packaging import release
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "deploy" / "kserve" / "schema"

@@ -80,7 +80,7 @@ def test_make_loadtest_grpc_uses_torchserves_proto_and_all_answers_are_right(tmp
 
 def test_a_server_with_wrong_labels_gets_no_successes(tmp_path: Path, start_server: StartServer,
                                                       digits_cases) -> None:
-    from tsforge import archive
+    from tsforge.packaging import archive
 
     build_dir = tmp_path / "build"
     shutil.copytree(BUILD / "digits", build_dir / "digits", ignore=shutil.ignore_patterns("stage", "mar"))

@@ -21,9 +21,9 @@ import requests
 
 from export.models.digits import to_tensor
 from tests.conftest import StartServer, built_archive, png_bytes
-from tsforge import grpc_stubs
+from tsforge.clients import grpc_stubs
 from tsforge.project import archive_version
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 TENSOR, IMAGE = "digits_tensor", "digits"

@@ -11,9 +11,9 @@ import requests
 
 from tests.conftest import ROOT, StartServer, configured_workers
 from tests.test_rollout import PROD, versioned_store
-from tsforge import deploy
-from tsforge.predict import archive_examples
-from tsforge.server import TorchServe
+from tsforge.clients import deploy
+from tsforge.clients.predict import archive_examples
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 

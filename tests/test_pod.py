@@ -31,13 +31,13 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import ROOT, built_archive
 from tests.test_front import KSERVE_CLIENTS, agrees, direct
 from tests.v2_inputs import as_json_strings, inputs_for
-from tsforge import kserve
-from tsforge.front_guard import FieldCounter
-from tsforge.server import TorchServe, free_ports
+from tsforge.kube import kserve
+from tsforge.serving.front_guard import FieldCounter
+from tsforge.serving.server import TorchServe, free_ports
 
 MODEL = "digits"
 START_S = 300.0  # the pod's start (TorchServe, the workers' `auto` measurement, the front) on a busy 2-core box
-STOP_S = 30.0  # tsforge.server's stop bound (10 + 3 s) with room
+STOP_S = 30.0  # tsforge.serving.server's stop bound (10 + 3 s) with room
 
 
 @dataclass

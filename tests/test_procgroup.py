@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tsforge import procgroup
+from tsforge.serving import procgroup
 
 
 def test_a_zombie_is_not_alive_though_killpg_still_finds_it() -> None:
@@ -35,7 +35,7 @@ def test_a_live_group_lists_its_members_and_no_frontend() -> None:
 
 
 def test_free_ports_are_distinct() -> None:
-    from tsforge.server import free_port_overrides, free_ports
+    from tsforge.serving.server import free_port_overrides, free_ports
 
     assert len(set(free_ports(50))) == 50
     assert len(set(free_port_overrides().values())) == len(free_port_overrides())

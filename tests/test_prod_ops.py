@@ -18,9 +18,9 @@ import requests
 
 from tests.conftest import CACHE_ENV, StartServer
 from tests.test_rollout import PROD, versioned_store
-from tsforge import deploy
-from tsforge.grpc_client import GrpcClient
-from tsforge.server import KEY_FILE, KeyKind, TorchServe
+from tsforge.clients import deploy
+from tsforge.clients.grpc_client import GrpcClient
+from tsforge.serving.server import KEY_FILE, KeyKind, TorchServe
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import ROOT, STORE, StartServer, built_archive
 from tests.test_reliability import fault_archive
-from tsforge import frontproc, jobqueue
-from tsforge.server import TorchServe
+from tsforge.serving import frontproc, jobqueue
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def test_a_full_queue_is_named_by_the_front_and_the_queue_status(tiny: tuple[Tor
     assert f"  queued 1.0: {TINY_QUEUE} / {TINY_QUEUE}  FULL" in lines, lines
     # TorchServe's own port keeps the Java frontend's words, and counts the refusals in Requests5XX
     assert all(jobqueue.TORCHSERVE_WORDS in text for status, text in direct if status == 503)
-    from tsforge.metrics import scrape
+    from tsforge.serving.metrics import scrape
 
     counted = sum(sample.value for sample in scrape(server).get("Requests5XX", []))
     assert counted >= statuses.count(503), counted
@@ -117,7 +117,7 @@ def test_the_shipped_profile_answers_a_burst_of_1024_without_a_503(start_server:
 
 
 def test_prod_profile_ships_the_same_queue() -> None:
-    from tsforge.server import read_properties
+    from tsforge.serving.server import read_properties
 
     for profile in ("config.properties", "prod.properties"):
         assert int(read_properties(ROOT / "config" / profile)["job_queue_size"]) >= BURST

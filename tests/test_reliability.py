@@ -29,8 +29,10 @@ from loadtest.loadgen import LoadResult, load
 from loadtest.payloads import Case
 from tests.conftest import BUILD, ROOT, STORE, StartServer, built_archive
 from tests.test_rollout import versioned_store
-from tsforge import archive, deploy, procgroup
-from tsforge.server import TorchServe
+from tsforge.clients import deploy
+from tsforge.packaging import archive
+from tsforge.serving import procgroup
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 

@@ -72,7 +72,7 @@ def front_summary() -> dict[str, Any]:
     paths = {"direct": {"req_per_s": 130.0, "p50_ms": 100.0, "p99_ms": 200.0, "failed": 0},
              "front": {"req_per_s": 129.0, "p50_ms": 101.0, "p99_ms": 210.0, "failed": 0, "ratio": 0.99},
              "front_binary": {"req_per_s": 110.0, "p50_ms": 120.0, "p99_ms": 250.0, "failed": 0, "ratio": 0.85}}
-    return {"schema": "tsforge.front-cost/1", "models": {"resnet18": {**paths, "ratio": 0.99}}, "users": 16,
+    return {"schema": "tsforge.serving.front-cost/1", "models": {"resnet18": {**paths, "ratio": 0.99}}, "users": 16,
             "duration_s": 20.0, "rounds": 2, "machine": MACHINE, "created": "2026-11-27T08:00:00+00:00",
             "command": "python -m loadtest.front_cost"}
 

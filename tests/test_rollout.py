@@ -13,8 +13,9 @@ import pytest
 import requests
 
 from tests.conftest import ROOT, StartServer, built_archive
-from tsforge import archive, deploy
-from tsforge.server import TorchServe
+from tsforge.clients import deploy
+from tsforge.packaging import archive
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 PROD = ROOT / "config" / "prod.properties"

@@ -19,9 +19,9 @@ import requests
 from tests.conftest import ROOT, StartServer, built_archive
 from tests.test_reliability import fault_archive
 from tests.test_rollout import PROD
-from tsforge.grpc_client import GrpcClient, as_input_map
-from tsforge.grpc_stubs import stubs
-from tsforge.server import KeyKind, TorchServe, read_properties
+from tsforge.clients.grpc_client import GrpcClient, as_input_map
+from tsforge.clients.grpc_stubs import stubs
+from tsforge.serving.server import KeyKind, TorchServe, read_properties
 
 pytestmark = pytest.mark.integration
 

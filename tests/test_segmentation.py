@@ -33,8 +33,8 @@ from loadtest.inprocess import LocalHandler
 from loadtest.payloads import JSON_TYPE, Case, check, expectation
 from tests.conftest import BUILD, ROOT, built_archive
 from tests.test_images import bomb_png, with_orientation
-from tsforge import archive
-from tsforge.server import TorchServe
+from tsforge.packaging import archive
+from tsforge.serving.server import TorchServe
 
 #: pixels whose class may differ between two runs of the same fp32 model (oneDNN fusion, batch composition and
 #: memory layout change the rounding; random weights leave a few pixels within 1e-5 of a tie)

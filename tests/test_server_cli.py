@@ -1,4 +1,4 @@
-"""`python -m tsforge.server`, as `make serve` and `make stop` call it: a relative run folder, a run folder at
+"""`python -m tsforge.serving.server`, as `make serve` and `make stop` call it: a relative run folder, a run folder at
 any depth, and a fast, clear failure when TorchServe exits or a worker cannot start."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import requests
 
 from tests.conftest import DEV_CONFIG, ROOT, StartServer, built_archive
 from tests.test_versions import TAMPERINGS, rewrite
-from tsforge.server import (
+from tsforge.serving.server import (
     SUN_PATH_MAX,
     LogTail,
     ServerError,
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tsforge.server", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tsforge.serving.server", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -18,7 +18,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from handlers.telemetry import Telemetry
 from tests.conftest import STORE
 from tsforge.project import ROOT
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 MANIFEST = {"model": {"modelName": "m", "modelVersion": "1.5"}}
 

@@ -14,7 +14,7 @@ import torch
 
 from export.models.digits import to_tensor
 from tests.conftest import BUILD, StartServer, built_archive
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 pytestmark = pytest.mark.integration
 MODEL = "digits_tensor"

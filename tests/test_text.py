@@ -23,7 +23,7 @@ from export.models.minilm import model_dir
 from handlers.autoselect import EMBEDDING_COSINE
 from loadtest.serving import selection
 from tests.conftest import StartServer, built_archive
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 MODEL = "minilm"
 LONG = " ".join(["The quick brown fox jumps over the lazy dog near the riverbank."] * 40)  # > 256 tokens

@@ -22,7 +22,7 @@ from ts.context import Context, RequestProcessor
 
 from export.hf_folder import CHECK_TEXTS, EXAMPLES, load_classifier
 from tests.conftest import BUILD, ROOT, StartServer, built_archive
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 MODEL = "sentiment"
 FOLDER = BUILD / "sentiment-hf"

@@ -22,7 +22,7 @@ from handlers.runtimes import Artefacts, Variant, load
 from loadtest import matrix
 from loadtest.serving import selection
 from tests.conftest import BUILD, StartServer, built_archive, png_bytes
-from tsforge.server import TorchServe
+from tsforge.serving.server import TorchServe
 
 PINNED = [Variant("torchscript", "int8"), Variant("onnxruntime", "fp32"), Variant("onnxruntime", "int8"),
           Variant("aotinductor", "fp32")]

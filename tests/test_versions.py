@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from tests.conftest import ROOT, StartServer, built_archive
-from tsforge import verify
-from tsforge.server import TorchServe
+from tsforge.packaging import verify
+from tsforge.serving.server import TorchServe
 
 Change = Callable[[str, bytes], bytes | None]
 

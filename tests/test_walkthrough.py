@@ -22,7 +22,7 @@ import torch
 from export.models.resnet import imagenet_tensor
 from export.registry import import_file
 from tests.conftest import DEV_CONFIG, ROOT
-from tsforge.server import free_port_overrides
+from tsforge.serving.server import free_port_overrides
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,5 @@
-"""Which variants a build makes (tsforge/wanted.py, make's VARIANTS): the default leaves AOTInductor out, a request
+"""Which variants a build makes (tsforge/packaging/wanted.py, make's VARIANTS): the default leaves AOTInductor out, a "
+"request
 for more redoes the export with the union, one for less redoes nothing."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tsforge import wanted
-from tsforge.wanted import RequestError, expand, record, resolve
+from tsforge.packaging import wanted
+from tsforge.packaging.wanted import RequestError, expand, record, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 DECLARED = ("int8", "onnx", "onnx-int8", "aotinductor")

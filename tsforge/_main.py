@@ -2,11 +2,11 @@
 
     tsforge --help                      every command, one line each
     tsforge COMMAND --help              that command's own options
-    tsforge archive digits              = python -m tsforge.archive digits
-    tsforge serve --models digits       = python -m tsforge.server start --models digits
+    tsforge archive digits              = python -m tsforge.packaging.archive digits
+    tsforge serve --models digits       = python -m tsforge.serving.server start --models digits
 
 Each command runs the `main(argv)` of the module that implements it (COMMANDS below) with the rest of the
-command line, some with a fixed first argument (`serve` -> `tsforge.server start`). Only that module is
+command line, some with a fixed first argument (`serve` -> `tsforge.serving.server start`). Only that module is
 imported, and only when its command runs: `tsforge stop` does not import torch.
 
 Exit codes: the command's own; 2 for bad arguments (an unknown command, a bad option: one line on stderr) and
@@ -55,35 +55,40 @@ class Command:
 GROUPS = ("models", "serving", "rollout", "load tests and benchmarks", "packaging")
 
 COMMANDS: dict[str, Command] = {c.name: c for c in [
-    Command("new", "tsforge.new", "declare your own model (torchvision, a factory, TorchScript, .pt2) for a task, "
+    Command("new", "tsforge.packaging.new",
+            "declare your own model (torchvision, a factory, TorchScript, .pt2) for a task, "
             "with its config and example inputs", "models"),
     Command("export", "export.__main__", "trace declared models to TorchScript with a parity check, and their "
             "int8/ONNX/AOTInductor variants", "models"),
-    Command("archive", "tsforge.archive", "package exported models into model_store/NAME.mar with a version file",
+    Command("archive", "tsforge.packaging.archive",
+            "package exported models into model_store/NAME.mar with a version file",
             "models"),
-    Command("verify", "tsforge.verify", "check archives offline against their version files", "models"),
-    Command("serve", "tsforge.server", "start TorchServe (and the v2 front) with models; returns once ready",
+    Command("verify", "tsforge.packaging.verify", "check archives offline against their version files", "models"),
+    Command("serve", "tsforge.serving.server", "start TorchServe (and the v2 front) with models; returns once ready",
             "serving", ("start",)),
-    Command("stop", "tsforge.server", "stop the TorchServe that `serve` started", "serving", ("stop",)),
-    Command("status", "tsforge.server", "say whether TorchServe runs (exit 1 when not)", "serving", ("status",)),
-    Command("predict", "tsforge.predict", "send a model's example inputs (or a file) to the running server",
+    Command("stop", "tsforge.serving.server", "stop the TorchServe that `serve` started", "serving", ("stop",)),
+    Command("status", "tsforge.serving.server",
+            "say whether TorchServe runs (exit 1 when not)", "serving", ("status",)),
+    Command("predict", "tsforge.clients.predict", "send a model's example inputs (or a file) to the running server",
             "serving"),
-    Command("grpc", "tsforge.grpc_client", "ping or predict over TorchServe's own gRPC services", "serving"),
-    Command("grpc-stubs", "tsforge.grpc_stubs", "generate the gRPC stubs from the protos in TorchServe's jar",
+    Command("grpc", "tsforge.clients.grpc_client", "ping or predict over TorchServe's own gRPC services", "serving"),
+    Command("grpc-stubs", "tsforge.clients.grpc_stubs", "generate the gRPC stubs from the protos in TorchServe's jar",
             "serving"),
-    Command("metrics", "tsforge.metrics", "health, per-model readiness and the important Prometheus metrics",
+    Command("metrics", "tsforge.serving.metrics", "health, per-model readiness and the important Prometheus metrics",
             "serving"),
-    Command("front", "tsforge.front", "run the Open Inference Protocol (v2) front on its own (serve starts it)",
+    Command("front", "tsforge.serving.front", "run the Open Inference Protocol (v2) front on its own (serve starts it)",
             "serving"),
-    Command("pod", "tsforge.pod", "what a KServe pod runs: TorchServe on loopback, the v2 front on the pod's ports",
+    Command("pod", "tsforge.serving.pod",
+            "what a KServe pod runs: TorchServe on loopback, the v2 front on the pod's ports",
             "serving"),
-    Command("deploy", "tsforge.deploy", "roll a model out to a version: register, smoke-test, make default",
+    Command("deploy", "tsforge.clients.deploy", "roll a model out to a version: register, smoke-test, make default",
             "rollout", ("deploy",)),
-    Command("rollback", "tsforge.deploy", "make a model's previous default version the default again", "rollout",
+    Command("rollback", "tsforge.clients.deploy",
+            "make a model's previous default version the default again", "rollout",
             ("rollback",)),
-    Command("undeploy", "tsforge.deploy", "unregister a version that is not the default", "rollout",
+    Command("undeploy", "tsforge.clients.deploy", "unregister a version that is not the default", "rollout",
             ("undeploy",)),
-    Command("deploy-status", "tsforge.deploy", "a model's versions, default, workers and deploy history",
+    Command("deploy-status", "tsforge.clients.deploy", "a model's versions, default, workers and deploy history",
             "rollout", ("status",)),
     Command("loadtest", "loadtest.run", "headless load run (locust or loadgen) with reports",
             "load tests and benchmarks"),
@@ -103,15 +108,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "load tests and benchmarks"),
     Command("render", "loadtest.render", "render bench and tune reports as docs/benchmarks.md",
             "load tests and benchmarks"),
-    Command("kserve", "tsforge.kserve", "write a KServe bundle (storage layout, InferenceServices)", "packaging"),
-    Command("release", "tsforge.release", "check that a release tag names pyproject's version (check-tag TAG)",
+    Command("kserve", "tsforge.kube.kserve", "write a KServe bundle (storage layout, InferenceServices)", "packaging"),
+    Command("release", "tsforge.packaging.release",
+            "check that a release tag names pyproject's version (check-tag TAG)",
             "packaging"),
 ]}
 
 
 def _grpc_stubs_main(module: ModuleType, argv: list[str]) -> int:
-    """tsforge.grpc_stubs has no main(argv) of its own: its `python -m` entry only generates."""
-    parser = argparse.ArgumentParser(prog="python -m tsforge.grpc_stubs", description=module.__doc__,
+    """tsforge.clients.grpc_stubs has no main(argv) of its own: its `python -m` entry only generates."""
+    parser = argparse.ArgumentParser(prog="python -m tsforge.clients.grpc_stubs", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)
     print(f"gRPC stubs in {module.generate()}")
@@ -119,7 +125,7 @@ def _grpc_stubs_main(module: ModuleType, argv: list[str]) -> int:
 
 
 # Modules whose `python -m` entry is not a main(argv): how to run them.
-ADAPTERS: dict[str, Callable[[ModuleType, list[str]], int]] = {"tsforge.grpc_stubs": _grpc_stubs_main}
+ADAPTERS: dict[str, Callable[[ModuleType, list[str]], int]] = {"tsforge.clients.grpc_stubs": _grpc_stubs_main}
 
 
 def usage() -> str:
@@ -237,7 +243,7 @@ KNOWN_ERRORS = frozenset({
     "zipfile.BadZipFile",
     "yaml.error.YAMLError",
     "grpc.RpcError",
-    "tsforge.server.ServerError", "tsforge.deploy.DeployError", "tsforge.frontproc.FrontError",
+    "tsforge.serving.server.ServerError", "tsforge.clients.deploy.DeployError", "tsforge.serving.frontproc.FrontError",
     "export.spec.ExportError", "handlers.base.ArchiveIntegrityError", "handlers.runtimes.VariantUnavailable",
 })
 

@@ -20,7 +20,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 
 from loadtest.payloads import Case, check, load, mislabel
-from tsforge.grpc_stubs import stubs
+from tsforge.clients.grpc_stubs import stubs
 from tsforge.project import ROOT
 
 grpc_gevent.init_gevent()  # grpc's blocking calls must yield to locust's greenlets

@@ -72,8 +72,8 @@ from export.sources import (
     short_message,
 )
 from tsforge.extras import MissingExtra
+from tsforge.project import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("image-classification", "image-segmentation", "text-classification", "tensor", "object-detection")
 
 
@@ -157,7 +157,7 @@ handler:
   draft: true
   max_pixels: 40000000  # larger images are answered with 413
   top_k: {min(5, classes)}
-# Open Inference Protocol tensors, as `make serve`'s v2 front (tsforge/front.py) describes them to clients
+# Open Inference Protocol tensors, as `make serve`'s v2 front (tsforge/serving/front.py) describes them to clients
 v2:
   inputs:
     - {{name: image, datatype: BYTES, shape: [-1]}}
@@ -182,7 +182,7 @@ handler:
   casting: safe         # typed payloads (.npy, v2) must cast to {dtype} without loss
   max_elements: 4194304 # larger arrays are answered with 413
   v2_output: output
-# Open Inference Protocol tensors, as `make serve`'s v2 front (tsforge/front.py) describes them to clients
+# Open Inference Protocol tensors, as `make serve`'s v2 front (tsforge/serving/front.py) describes them to clients
 v2:
   inputs:
     - {{name: input, datatype: {DTYPES[dtype]}, shape: {[-1, *shape]}}}
@@ -362,7 +362,7 @@ def create(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.new", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.packaging.new", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="the model's name: archive, endpoint and declaration module")
     parser.add_argument("--task", required=True, choices=TASKS)

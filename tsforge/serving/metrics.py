@@ -1,6 +1,6 @@
 """Health, readiness and the important Prometheus metrics of a running TorchServe: `make metrics`.
 
-    python -m tsforge.metrics [--run-dir build/serve] [--all]
+    python -m tsforge.serving.metrics [--run-dir build/serve] [--all]
 
 Health is /ping (inference key under token authorization); readiness is per model version: READY
 workers out of all, from the management API (management key). Metrics come from the metrics API's
@@ -19,9 +19,9 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tsforge import jobqueue
 from tsforge.project import ROOT
-from tsforge.server import TorchServe
+from tsforge.serving import jobqueue
+from tsforge.serving.server import TorchServe
 
 #: shown by default, in this order; --all shows every family
 IMPORTANT = (
@@ -98,7 +98,7 @@ def report(server: TorchServe, show_all: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.metrics", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.serving.metrics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=ROOT / "build" / "serve")
     parser.add_argument("--all", action="store_true", help="every metric family, not only the important ones")

@@ -5,9 +5,9 @@
 KServe mounts the storage root (config/config.properties, model-store/*.mar) at --mount. TorchServe starts from
 that configuration with every one of its addresses on 127.0.0.1 at free ports, whatever the configuration or the
 TS_* environment says: its Java frontend (netty 4.1.53, no longer fixed) is never on the pod network. The front
-(tsforge/front.py) takes the pod's ports, KServe's conventions: REST on 8080 (v2, v1 predict, /predictions,
+(tsforge/serving/front.py) takes the pod's ports, KServe's conventions: REST on 8080 (v2, v1 predict, /predictions,
 /ping, /metrics) and gRPC on 8081 (inference.GRPCInferenceService), and refuses what TorchServe's decoders
-would choke on before it reaches them (tsforge/front_guard.py). The models are the configuration's
+would choke on before it reaches them (tsforge/serving/front_guard.py). The models are the configuration's
 model_snapshot (what `make kserve` writes), else every NAME.mar in the store.
 
 The command supervises both: when either exits, the other is stopped and the command exits 1, so the kubelet
@@ -27,9 +27,9 @@ import time
 import types
 from pathlib import Path
 
-from tsforge import frontproc, procgroup
-from tsforge.kserve import GRPC_FRONT_PORT, HTTP_PORT, MOUNT
-from tsforge.server import KEY_FILE, PATH_KEYS, TorchServe, free_port_overrides, model_args, read_properties
+from tsforge.kube.kserve import GRPC_FRONT_PORT, HTTP_PORT, MOUNT
+from tsforge.serving import frontproc, procgroup
+from tsforge.serving.server import KEY_FILE, PATH_KEYS, TorchServe, free_port_overrides, model_args, read_properties
 
 #: what puts TorchServe's own listeners on 127.0.0.1, over anything the mounted configuration says
 LOOPBACK = {"grpc_inference_address": "127.0.0.1", "grpc_management_address": "127.0.0.1"}
@@ -113,7 +113,7 @@ def log_tails(logs: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.pod", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.serving.pod", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mount", type=Path, default=Path(MOUNT), help="the storage root KServe mounts")
     parser.add_argument("--http-port", type=int, default=HTTP_PORT, help="the front's REST port")

@@ -6,7 +6,7 @@ archive's `jobQueueSize` replaces it for that model). A request that finds it fu
 sends the reader after workers when the queue is the cause (issue 19 measured exactly that at concurrency 512).
 The Java frontend's words cannot be changed here, so tsforge says it where it can:
 
-- the v2 front (tsforge/front_rest.py) answers such a 503 with `{"error": queue_full_message(...)}`;
+- the v2 front (tsforge/serving/front_rest.py) answers such a 503 with `{"error": queue_full_message(...)}`;
 - `tsforge metrics` prints each version's queue (waiting, free) from the management API's `jobQueueStatus`;
 - TorchServe counts the refusals in `Requests5XX`, and `ts_queue_latency_microseconds` shows how long the
   accepted ones waited.
@@ -22,7 +22,7 @@ import requests
 
 #: what TorchServe 0.12 says when a request finds the job queue full (ApiUtils.addRESTInferenceJob)
 TORCHSERVE_WORDS = "has no worker to serve inference request"
-#: the profile's job_queue_size, handed to the v2 front's process by tsforge.frontproc
+#: the profile's job_queue_size, handed to the v2 front's process by tsforge.serving.frontproc
 SIZE_ENV = "TSFORGE_JOB_QUEUE_SIZE"
 TORCHSERVE_DEFAULT_SIZE = 100  # TorchServe's own default when a profile sets none
 

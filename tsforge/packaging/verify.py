@@ -1,6 +1,6 @@
 """Check archives offline against their version files: `make verify` (every archive in the store).
 
-    python -m tsforge.verify [model_store/digits.mar ...] [--store model_store]
+    python -m tsforge.packaging.verify [model_store/digits.mar ...] [--store model_store]
 
 For each `.mar`: every recorded file is present with the recorded SHA-256, no unrecorded file rides
 along, and the manifest's version equals `version.json`'s. The handler runs the same check when a
@@ -66,7 +66,7 @@ def verify(mar: Path) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.verify", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.packaging.verify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("archives", nargs="*", type=Path, help="archives to check (default: every .mar in --store)")
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")

@@ -1,7 +1,7 @@
 """Start, wait for and stop a TorchServe instance, from the Makefile and from tests alike.
 
-    python -m tsforge.server start [--config config/config.properties] [--models digits] [--run-dir build/serve]
-    python -m tsforge.server stop  [--run-dir build/serve]
+    python -m tsforge.serving.server start [--config config/config.properties] [--models digits] [--run-dir build/serve]
+    python -m tsforge.serving.server stop  [--run-dir build/serve]
 
 Each instance gets its own run folder (logs, pid file) and its own temp dir, so several can run side by
 side: TorchServe keeps its pid file in the temp dir, and its frontend and workers talk over Unix sockets
@@ -40,8 +40,8 @@ from typing import Any, Literal
 
 import requests
 
-from tsforge import frontproc, gpus, procgroup
 from tsforge.project import ROOT
+from tsforge.serving import frontproc, gpus, procgroup
 
 PORT_KEYS = {
     "inference_address": "http://127.0.0.1:{}",
@@ -297,7 +297,8 @@ class TorchServe:
         state = read_java_properties(snapshot).get(SNAPSHOT_KEY) if snapshot else None
         if state:
             props[SNAPSHOT_KEY] = json.dumps(json.loads(state), separators=(",", ":"))
-        # Workers per GPU (tsforge/gpus.py): TorchServe's device count and the worker counts from the GPUs seen here.
+        # Workers per GPU (tsforge/serving/gpus.py): TorchServe's device count and the worker counts from the GPUs
+        # seen here.
         devices = gpus.visible_gpus(props.get(gpus.GPU_COUNT_KEY))
         props[gpus.GPU_COUNT_KEY] = str(devices)
         self._scaling = {} if state else gpus.worker_plan(Path(self.props["model_store"]), self.models, devices)
@@ -475,7 +476,7 @@ def model_args(names: Sequence[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.serving.server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.properties")

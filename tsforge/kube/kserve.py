@@ -1,6 +1,6 @@
 """Write a KServe bundle for the archives in the model store: `make kserve`.
 
-    python -m tsforge.kserve [--out build/kserve] [--store model_store] [--models digits resnet18]
+    python -m tsforge.kube.kserve [--out build/kserve] [--store model_store] [--models digits resnet18]
                              [--storage-uri pvc://tsforge-models] [--image tsforge-torchserve] [--max-replicas 8]
 
 Layout (one storage root per model, so each model scales on its own):
@@ -10,7 +10,7 @@ Layout (one storage root per model, so each model scales on its own):
     OUT/storage/NAME/model-store/NAME.mar       the archive (hard-linked from the store where possible)
     OUT/manifests/storage.yaml                  with a pvc:// storage URI: the claim and a pod to copy into it
     OUT/manifests/servingruntimes.yaml          ServingRuntimes tsforge-torchserve-{cpu,gpu} (deploy/Dockerfile):
-                                                `python -m tsforge pod` (tsforge/pod.py), TorchServe on loopback
+                                                `python -m tsforge pod` (tsforge/serving/pod.py), TorchServe on loopback
                                                 and the v2 front on the pod's ports
     OUT/manifests/inferenceservices-{v1,v2}-{cpu,gpu}.yaml   one InferenceService per model
     OUT/DERIVATION.md                           how each replica's resources and autoscaling target were derived
@@ -32,15 +32,15 @@ from typing import Any
 
 import yaml
 
-from tsforge import capacity
+from tsforge.kube import capacity
 from tsforge.project import ROOT, project_version
 
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storage URI's contents
 HTTP_PORT = 8080  # the front's REST port: KServe's and Knative's convention
 GRPC_FRONT_PORT = 8081  # the front's gRPC port (inference.GRPCInferenceService): KServe's model server's convention
-#: the pod's command (tsforge/pod.py); the image sets PYTHONPATH to the project (deploy/Dockerfile)
+#: the pod's command (tsforge/serving/pod.py); the image sets PYTHONPATH to the project (deploy/Dockerfile)
 POD_COMMAND = ["python", "-m", "tsforge", "pod"]
-MAX_FORM_FIELDS = 1000  # tsforge/front_guard.py's default, written out so an operator sees and can change it
+MAX_FORM_FIELDS = 1000  # tsforge/serving/front_guard.py's default, written out so an operator sees and can change it
 PROTOCOLS = ("v1", "v2")
 DEVICES = ("cpu", "gpu")
 LOADER_IMAGE = "busybox:1.36.1"
@@ -89,8 +89,9 @@ def snapshot(archive: Archive) -> dict[str, Any]:
 def config_properties(archive: Archive) -> str:
     """config/config.properties for KServe's TorchServe storage layout."""
     lines = [
-        f"# TorchServe configuration for {archive.name} {archive.version} on KServe (written by tsforge.kserve).",
-        f"# KServe mounts the storage URI at {MOUNT}. The pod runs `python -m tsforge pod` (tsforge/pod.py), which",
+        f"# TorchServe configuration for {archive.name} {archive.version} on KServe (written by tsforge.kube.kserve).",
+        f"# KServe mounts the storage URI at {MOUNT}. The pod runs `python -m tsforge pod` (tsforge/serving/pod.py), "
+        f"which",
         "# starts TorchServe with every address on 127.0.0.1 at free ports (whatever is written here or in TS_*",
         f"# variables) and the v2 front on the pod's ports: REST {HTTP_PORT} (v2, v1 /v1/models/NAME:predict,",
         f"# /predictions/NAME, /ping, /metrics) and gRPC {GRPC_FRONT_PORT}. The model is registered from",
@@ -270,11 +271,11 @@ def _yaml_documents(header: list[str], documents: list[tuple[list[str], dict[str
 
 def derivation(archives: list[Archive], sizings: dict[str, capacity.Sizing], max_replicas: int) -> str:
     lines = [
-        "# How the InferenceServices are sized (written by `python -m tsforge.kserve`)",
+        "# How the InferenceServices are sized (written by `python -m tsforge.kube.kserve`)",
         "",
         "Every figure comes from `make bench` (single host, closed loop of N clients, only correct answers count),",
         "as committed in `docs/data/bench-NAME.json` (the file named in the source column). The rule, from",
-        "`tsforge/capacity.py`:",
+        "`tsforge/kube/capacity.py`:",
         "",
         f"- **target concurrency** (`scaleMetric: concurrency`, `scaleTarget`): the smallest measured concurrency "
         f"whose throughput reaches {capacity.KNEE_SHARE:.0%} of the best measured one; past it more requests in "
@@ -380,7 +381,7 @@ def measured_for(archives: list[Archive], required: bool) -> dict[str, capacity.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.kserve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.kube.kserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "kserve")
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")

@@ -19,7 +19,7 @@ import re
 
 import orjson
 
-from tsforge.front_rest import REFUSAL_DELAY_S, ASGIApp, Message, Receive, Scope, Send, respond
+from tsforge.serving.front_rest import REFUSAL_DELAY_S, ASGIApp, Message, Receive, Scope, Send, respond
 
 URLENCODED = "application/x-www-form-urlencoded"
 MULTIPART = "multipart/form-data"

@@ -11,7 +11,8 @@ The declaration (`ModelSpec.variants`) is the upper bound: a name it does not li
 request fits several models.
 
 Each model's build folder records what its export holds (`build/NAME/variants`). The Makefile runs this module at
-parse time (`python -m tsforge.wanted --build build --variants REQUEST NAME...`) and rewrites that record, with the
+parse time (`python -m tsforge.packaging.wanted --build build --variants REQUEST NAME...`) and rewrites that record,
+with the
 union of both, only when the request asks for more than it holds: the export is redone then, and not when a later
 command asks for less (`make serve` after `make test` rebuilds nothing). `make clean` starts over.
 
@@ -103,7 +104,7 @@ def seed_from_export(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.wanted", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.packaging.wanted", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*")
     parser.add_argument("--build", type=Path, required=True, help="the build folder (build/NAME/variants)")

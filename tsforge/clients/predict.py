@@ -1,6 +1,7 @@
 """Send a model's example inputs (stored in its archive) or a file to a running TorchServe.
 
-    python -m tsforge.predict digits [--file photo.png] [--run-dir build/serve | --config config/config.properties]
+    python -m tsforge.clients.predict digits [--file photo.png] [--run-dir build/serve | --config
+    config/config.properties]
 
 While a TorchServe started from --run-dir (default build/serve) runs, the address and, under token
 authorization, the inference key come from it; otherwise the address comes from --config.
@@ -20,7 +21,7 @@ from typing import Any
 import requests
 
 from tsforge.project import ROOT
-from tsforge.server import TorchServe, read_properties
+from tsforge.serving.server import TorchServe, read_properties
 
 
 def archive_examples(mar: Path) -> list[dict[str, Any]]:
@@ -37,7 +38,7 @@ def matches(expect: dict[str, Any], answer: Any) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.predict", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.clients.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--file", type=Path, help="send this file's bytes instead of the examples")

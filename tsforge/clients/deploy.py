@@ -1,9 +1,9 @@
 """Roll a model version out, back, and away through TorchServe's management API (token-authorized).
 
-    python -m tsforge.deploy deploy   digits 2.0   # register digits-2.0.mar, smoke-test it, make it the default
-    python -m tsforge.deploy rollback digits       # the version that was the default before becomes it again
-    python -m tsforge.deploy undeploy digits 1.0   # unregister a version that is not the default
-    python -m tsforge.deploy status   digits       # versions, default, workers
+    python -m tsforge.clients.deploy deploy   digits 2.0   # register digits-2.0.mar, smoke-test it, make it the default
+    python -m tsforge.clients.deploy rollback digits       # the version that was the default before becomes it again
+    python -m tsforge.clients.deploy undeploy digits 1.0   # unregister a version that is not the default
+    python -m tsforge.clients.deploy status   digits       # versions, default, workers
 
 Every command acts on the TorchServe started from --run-dir (default build/serve): its rendered
 config gives the addresses and its key_file.json the management and inference keys.
@@ -33,10 +33,10 @@ import requests
 
 from handlers.base import VERSION_HEADER
 from handlers.provenance import VERSION_FILE
-from tsforge.predict import archive_examples, matches
+from tsforge.clients.predict import archive_examples, matches
+from tsforge.packaging.verify import verify
 from tsforge.project import ROOT
-from tsforge.server import TorchServe
-from tsforge.verify import verify
+from tsforge.serving.server import TorchServe
 
 HISTORY_FILE = "deploy-history.json"
 
@@ -246,7 +246,7 @@ def status(server: TorchServe, model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.deploy", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.clients.deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["deploy", "rollback", "undeploy", "status"])
     parser.add_argument("model")

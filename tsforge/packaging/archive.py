@@ -1,6 +1,6 @@
 """Package an exported model into `model_store/<name>.mar` with its handler and a version file.
 
-    python -m tsforge.archive digits [--version 2.0] [--config config/models/digits.yaml]
+    python -m tsforge.packaging.archive digits [--version 2.0] [--config config/models/digits.yaml]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import yaml
 from export.registry import MODELS, get
 from export.spec import ModelSpec
 from handlers.provenance import VERSION_FILE, hash_files
-from tsforge import gpus
 from tsforge.project import ROOT, archive_version, git_state, project_version
+from tsforge.serving import gpus
 
 HANDLER_PACKAGE = "handlers"
 OPTIONAL_EXPORT_FILES = ("index_to_name.json", "export.json", "examples.json")
@@ -80,7 +80,7 @@ def model_config(config_file: Path, device: str = "auto") -> tuple[str, dict[str
     maxWorkers, batchSize, maxBatchDelay...) replace the top-level ones, since TorchServe reads them from
     the archive; its `handler:` keys stay in the section and apply in each worker whose device is CUDA.
     `workers_per_gpu: W` packages W workers (one GPU's worth); the server start scales them to W x the GPUs it
-    sees (tsforge/gpus.py)."""
+    sees (tsforge/serving/gpus.py)."""
     text = config_file.read_text()
     if device not in ("auto", "cpu", "gpu"):
         raise SystemExit(f"--device must be auto, cpu or gpu; got {device!r}")
@@ -182,7 +182,7 @@ def build(p: ArchivePlan) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.archive", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.packaging.archive", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help=f"declared models: {', '.join(sorted(MODELS))}")
     parser.add_argument("--version", help="override the archive version (default: <project>-r<revision>)")

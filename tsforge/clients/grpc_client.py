@@ -1,9 +1,9 @@
 """gRPC clients for TorchServe's inference and management services, from TorchServe's own protos.
 
-    python -m tsforge.grpc_client ping    [--run-dir build/serve]
-    python -m tsforge.grpc_client predict digits [--version 2.0] [--file photo.png]
+    python -m tsforge.clients.grpc_client ping    [--run-dir build/serve]
+    python -m tsforge.clients.grpc_client predict digits [--version 2.0] [--file photo.png]
 
-The stubs are generated from the protos inside the installed frontend jar (tsforge.grpc_stubs). Under
+The stubs are generated from the protos inside the installed frontend jar (tsforge.clients.grpc_stubs). Under
 token authorization each call carries `authorization: Bearer <key>` metadata: the inference key on the
 inference service, the management key on the management service. gRPC answers carry no headers here
 (TorchServe 0.12 does not forward handler response headers to gRPC), so the answering version is not
@@ -20,10 +20,10 @@ from typing import Any
 
 import grpc
 
-from tsforge.grpc_stubs import stubs
-from tsforge.predict import archive_examples, matches
+from tsforge.clients.grpc_stubs import stubs
+from tsforge.clients.predict import archive_examples, matches
 from tsforge.project import ROOT
-from tsforge.server import KeyKind, TorchServe
+from tsforge.serving.server import KeyKind, TorchServe
 
 
 class GrpcClient:
@@ -96,7 +96,7 @@ def as_input_map(payload: Any) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.grpc_client", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.clients.grpc_client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["ping", "predict"])
     parser.add_argument("model", nargs="?", default="digits")

@@ -1,6 +1,6 @@
 """The standard Open Inference Protocol (KServe v2) in front of TorchServe, on KServe's own model server.
 
-    python -m tsforge.front --inference-url http://127.0.0.1:8080 --model-store model_store --models digits \
+    python -m tsforge.serving.front --inference-url http://127.0.0.1:8080 --model-store model_store --models digits \
         --http-port 8085 --grpc-port 8086 [--key-file RUN_DIR/key_file.json]
 
 TorchServe 0.12 answers `POST /v2/models/M/infer` but not the rest of the protocol (health, server and model
@@ -9,8 +9,9 @@ KServe's) cannot use it. This front is the `kserve` package's ModelServer, as KS
 it: REST `/v2/...` and gRPC `inference.GRPCInferenceService`, one `kserve.Model` per archive that forwards
 inference to TorchServe's REST v2 endpoint and describes its tensors from the `v2:` section of the archive's
 model-config.yaml. A REST infer in JSON skips KServe's decoding and goes to TorchServe as it came
-(tsforge/front_rest.py), and so do v1 predict, `/predictions/M` and `/ping`. Form bodies of more than
-`--max-form-fields` fields are refused before TorchServe's decoder sees them (tsforge/front_guard.py). Both ports
+(tsforge/serving/front_rest.py), and so do v1 predict, `/predictions/M` and `/ping`. Form bodies of more than
+`--max-form-fields` fields are refused before TorchServe's decoder sees them (tsforge/serving/front_guard.py). Both
+ports
 listen on 127.0.0.1 (`--host`; KServe binds every interface; `tsforge pod` puts the front on the pod's network and
 TorchServe on loopback); with `--key-file` (TorchServe's token file) every call but liveness must carry
 TorchServe's inference key as a Bearer token, on REST and gRPC, and the token goes on to TorchServe.
@@ -48,8 +49,8 @@ try:  # the `front` extra: without it, one line naming the extra (tsforge/extras
     from kserve.protocol.infer_type import InferRequest, InferResponse
     from kserve.protocol.rest.server import RESTServer
 
-    from tsforge.front_guard import MAX_FORM_FIELDS, FormFieldLimit
-    from tsforge.front_rest import (
+    from tsforge.serving.front_guard import MAX_FORM_FIELDS, FormFieldLimit
+    from tsforge.serving.front_rest import (
         MAX_REQUEST_SIZE,
         BearerToken,
         BodyLimit,
@@ -241,7 +242,7 @@ class LoopbackModelServer(ModelServer):  # type: ignore[misc]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.front", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.serving.front", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inference-url", required=True, help="TorchServe's inference address")
     parser.add_argument("--model-store", type=Path, required=True)

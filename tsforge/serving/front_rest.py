@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tsforge import jobqueue
+from tsforge.serving import jobqueue
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

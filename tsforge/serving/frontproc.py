@@ -1,4 +1,4 @@
-"""The v2 front's process (`tsforge/front.py`) beside a TorchServe instance: started once TorchServe serves,
+"""The v2 front's process (`tsforge/serving/front.py`) beside a TorchServe instance: started once TorchServe serves,
 stopped with it.
 
 A profile turns the front on by naming its two ports (loopback, like every TorchServe port):
@@ -29,18 +29,19 @@ from pathlib import Path
 
 import requests
 
-from tsforge import extras, jobqueue, procgroup
+from tsforge import extras
+from tsforge.project import ROOT
+from tsforge.serving import jobqueue, procgroup
 
 PORT_KEYS = ("front_http_port", "front_grpc_port")
 REQUIRED_KEY = "front_required"
 FORM_FIELDS_KEY = "front_max_form_fields"
 FRONT_KEYS = (*PORT_KEYS, REQUIRED_KEY, FORM_FIELDS_KEY)  # tsforge's keys, not TorchServe's
-#: what the front imports from the `front` extra (tsforge/front.py, tsforge/front_rest.py)
-PACKAGES = ("kserve", "aiohttp", "orjson", "starlette")
+#: what the front imports from the `front` extra (tsforge/serving/front.py, tsforge/serving/front_rest.py)
+PACKAGES = ("kserve", "aiohttp", "starlette")
 PURPOSE = "the v2 front (front_http_port, front_grpc_port)"
 PID_FILE = "front.pid"
 LOG_FILE = "front.log"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class FrontError(RuntimeError):
@@ -84,7 +85,7 @@ def start(run_dir: Path, props: Mapping[str, str], inference_url: str, models: S
     if absent is not None:
         raise FrontError(absent)
     log = run_dir / "logs" / LOG_FILE
-    command = [sys.executable, "-m", "tsforge.front", "--inference-url", inference_url,
+    command = [sys.executable, "-m", "tsforge.serving.front", "--inference-url", inference_url,
                "--model-store", props["model_store"], "--models", ",".join(models),
                "--http-port", props["front_http_port"], "--grpc-port", props["front_grpc_port"]]
     if key_file is not None and key_file.is_file():

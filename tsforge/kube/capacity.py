@@ -4,7 +4,7 @@ The figures come from the committed summary of `make bench MODEL=NAME`, `docs/da
 file docs/benchmarks.md and docs/scaling.md are rendered from), never from the rendered pages. A model without
 one gets the fallback below, marked as such, with the missing file named, wherever it is used.
 
-The rule (written out for each model in the bundle's DERIVATION.md by `tsforge.kserve`):
+The rule (written out for each model in the bundle's DERIVATION.md by `tsforge.kube.kserve`):
 
 - **target concurrency** per replica = the smallest measured concurrency whose throughput reaches
   `KNEE_SHARE` of the best measured throughput: past it, more requests in flight only add queueing.

@@ -1,6 +1,6 @@
 """Bind a release tag to the project version: `make package TAG=v0.1.0` (and CI on a version tag).
 
-    python -m tsforge.release check-tag v0.1.0
+    python -m tsforge.packaging.release check-tag v0.1.0
 
 Archive versions are PROJECT_VERSION-rREVISION (tsforge.project.archive_version), so a tag vX.Y.Z may only
 package a tree whose pyproject.toml says version X.Y.Z: otherwise the .mar files published under the tag
@@ -29,7 +29,7 @@ def check_tag(tag: str, version: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsforge.release", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tsforge.packaging.release", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-tag", help="fail unless TAG names pyproject's version")

@@ -4,12 +4,12 @@ Nothing is hand-copied: `generate()` extracts `inference.proto`, `management.pro
 `open_inference_grpc.proto` from `ts/frontend/model-server.jar` and runs grpcio-tools on them. The
 stubs land in `build/grpc` (git-ignored) and are rebuilt when the jar or the protobuf runtime changes.
 
-    from tsforge.grpc_stubs import stubs
+    from tsforge.clients.grpc_stubs import stubs
     s = stubs()
     channel = grpc.insecure_channel("127.0.0.1:7070")
     s.inference_grpc.InferenceAPIsServiceStub(channel).Ping(s.empty())
 
-`python -m tsforge.grpc_stubs` generates them ahead of time (the Makefile's `grpc` target).
+`python -m tsforge.clients.grpc_stubs` generates them ahead of time (the Makefile's `grpc` target).
 """
 
 from __future__ import annotations

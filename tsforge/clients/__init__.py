@@ -1,0 +1,1 @@
+"""Clients of a running TorchServe: predict (REST), gRPC stubs and client, deploy/rollback (management API)."""
