@@ -56,6 +56,8 @@ STOCK_HANDLERS = {"image_handler.py": "image_classifier", "segmentation_handler.
                   "text_classification_handler.py": "loadtest/stock_text_classifier.py",
                   # object_detector on the same weights, eager: loadtest/stock_detector_model.py says why
                   "detection_handler.py": "object_detector"}
+#: stock handlers that answer a bare label as text, not JSON (pytorch/serve's Hugging Face example handler)
+STOCK_BARE_LABEL = {"loadtest/stock_text_classifier.py"}
 TARGETS = ("tsforge", "stock", "flask", "ceiling")
 #: settings under which the archive's handler preprocesses as a stock handler does (its references): image_segmenter
 #: scales the shorter side to 256 and answers for the 224 x 224 centre crop
@@ -461,6 +463,9 @@ def run_all(args: argparse.Namespace, mar: Path, config: dict[str, Any]) -> dict
     stock_cases = fp32_cases if stock not in STOCK_REFERENCE else [
         c for c in prepared_cases(args.model, mar, args.payload_count,
                                   handler_overrides={**PLAIN_FP32, **STOCK_REFERENCE[stock]}) if c.raw]
+    if stock in STOCK_BARE_LABEL:
+        for case in stock_cases:
+            case.expect["bare_label"] = True
     found: dict[str, Any] = {"rows": [], "notes": [], "selection": {}, "matrix": None, "stock_sweep": None,
                              "ceiling": None, "cases": cases}
     print(f"bench {args.model}: {len(cases)} payloads, levels {args.levels}, {args.duration:g} s each", flush=True)

@@ -41,6 +41,10 @@ def test_answer_check_demands_the_reference_answer() -> None:
     assert check(case, 200, b"not json") == "answer is not JSON"
     # TorchServe's stock classifiers answer {label: probability}
     assert check(case, 200, json.dumps({"7": 0.9, "1": 0.1}).encode()) is None
+    # pytorch/serve's Hugging Face example handler answers the bare label, as text: accepted where the bench says so
+    bare = Case("t", b"", "text/plain", {"label": "positive", "bare_label": True})
+    assert check(bare, 200, b"positive") is None
+    assert "wrong label" in check(bare, 200, b"negative")
 
 
 def test_digits_payloads_are_varied_and_every_reference_is_the_true_label(digits_cases, digits_split) -> None:
