@@ -19,11 +19,19 @@ def default_threads(workers: int) -> int:
     return max(1, ((os.cpu_count() or 1) - 1) // max(1, workers))
 
 
+#: `handler.threads: cores`: every core of this machine shared among the workers, none kept for the frontend, for
+#: models whose inference dwarfs the frontend's work per request (a detector); counted at worker start
+ALL_CORES = "cores"
+
+
 def worker_threads(config: Mapping[str, Any], model_config: Mapping[str, Any] | None) -> int:
-    """`handler.threads`, else `default_threads` for the model's `maxWorkers`."""
+    """`handler.threads` (a number, or `cores`), else `default_threads` for the model's `maxWorkers`."""
     threads = config.get("threads")
+    workers = max(1, int((model_config or {}).get("maxWorkers") or 1))
     if threads is None:
-        return default_threads(int((model_config or {}).get("maxWorkers") or 1))
+        return default_threads(workers)
+    if threads == ALL_CORES:
+        return max(1, (os.cpu_count() or 1) // workers)
     return int(threads)
 
 

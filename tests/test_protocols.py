@@ -134,3 +134,4 @@ def test_dumps_writes_the_same_values_as_json() -> None:
 
 def test_dumps_falls_back_to_json_for_what_orjson_refuses() -> None:
     assert json.loads(protocols.dumps({"big": 1 << 70, 3: "x"})) == {"big": 1 << 70, "3": "x"}
+
