@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,12 @@ def digits_server(start_server: StartServer, session_choice_cache: Path) -> Torc
     references the archive's handler computes in-process (loadtest.inprocess), which must run the same variant."""
     built_archive("digits")
     return start_server(["digits"], session=True, cache_dir=session_choice_cache)
+
+
+def tsforge(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m tsforge ARGS` from the project root; an AssertionError with its stderr when it fails."""
+    result = subprocess.run([sys.executable, "-m", "tsforge", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tsforge {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result

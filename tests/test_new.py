@@ -17,7 +17,7 @@ import torch
 
 from export.models.resnet import imagenet_tensor, jpeg, real_inputs, sample_photos
 from export.sources import Source
-from tests.conftest import ROOT, StartServer
+from tests.conftest import ROOT, StartServer, tsforge
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +39,6 @@ def feature_map():
 LABELS = [f"class_{i}" for i in range(10)]
 
 
-def tsforge(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "tsforge", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"tsforge {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
 
 
 def make_sources(root: Path) -> dict[str, list[str]]:

@@ -21,7 +21,7 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from export.hf_folder import CHECK_TEXTS, EXAMPLES, load_classifier
-from tests.conftest import BUILD, ROOT, StartServer, built_archive
+from tests.conftest import BUILD, ROOT, StartServer, built_archive, tsforge
 from tsforge.serving.server import TorchServe
 
 MODEL = "sentiment"
@@ -142,12 +142,6 @@ def test_bad_rows_get_their_own_4xx_and_v2_answers_probabilities(handler: Any, u
 
 # ---- tsforge new from a Hugging Face folder, served ------------------------------------------------
 
-def tsforge(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "tsforge", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"tsforge {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -235,7 +235,8 @@ class Passthrough:
         if v2 and status != 200:  # KServe's error form, TorchServe's status (400 bad input, 413 too large, 503 busy)
             answer = orjson.dumps({"error": error_message(answer) or f"TorchServe answered {status}"})
             content_type = "application/json"
-        if jobqueue.is_queue_full(status, error_message(answer)):  # TorchServe's words blame the workers: jobqueue.py
+        # only a 503 is parsed: every answer passes here, and reading a 200's body would cost each inference
+        if status == 503 and jobqueue.is_queue_full(status, error_message(answer)):  # the words: jobqueue.py
             answer, content_type = jobqueue.queue_full_body(scope["path"], v2), "application/json"
         await respond(send, status, answer, content_type.encode("latin-1"))
 
