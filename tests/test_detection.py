@@ -24,7 +24,7 @@ from PIL import Image
 from export.models.detection import eager_from_torchscript
 from export.models.resnet import jpeg, real_views, sample_photos
 from loadtest.inprocess import LocalHandler
-from loadtest.payloads import Case
+from loadtest.payloads import Case, check_detections
 from tests.conftest import BUILD, ROOT, built_archive
 from tests.test_images import bomb_png, save
 from tests.test_new import tsforge
@@ -36,6 +36,12 @@ MODEL = "detector"
 #: the rounding of the two orders differs by ~1e-7, and the handler rounds boxes to 0.01 px
 BOX_TOLERANCE = 0.1
 SCORE_TOLERANCE = 1e-3
+
+
+def same_detections(answer: dict[str, Any], reference: dict[str, Any]) -> bool:
+    """The same boxes, labels and scores within the bench's tolerances (loadtest.payloads.check_detections): a
+    request batched with others runs other kernels than alone on some CPUs (AVX2), which moves the last digits."""
+    return check_detections(reference["detections"], answer) is None
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +133,8 @@ def test_bad_rows_get_their_own_4xx_and_the_batch_goes_on(local: LocalHandler, p
     for status, answer in served[1:-1]:
         assert {"code", "type", "message"} <= set(answer) and answer["code"] == status
     assert "truncated" in served[2][1]["message"] and "empty" in served[3][1]["message"]
-    assert [served[0], served[-1]] == alone
+    for (status, answer), (alone_status, alone_answer) in zip([served[0], served[-1]], alone, strict=True):
+        assert status == alone_status == 200 and same_detections(answer, alone_answer)
 
 
 def test_tsforge_new_declares_a_detector_that_answers_as_the_shipped_one(tmp_path: Path, mar: Path,
@@ -204,10 +211,12 @@ def test_served_answers_match_in_process_and_bad_requests_fail_alone(server: Tor
     expected = {name: answers(local, [body])[0][1] for name, body in (("china", china), ("flower", flower),
                                                                        ("view", view))}
     assert expected["china"]["detections"], "the reference should have detections to compare"
-    assert responses[0].json() == expected["china"]
-    assert responses[1].json() == expected["view"]
-    assert responses[3].json() == expected["view"]
-    assert responses[4].json() == {"predictions": [expected["china"], expected["flower"]]}
+    assert same_detections(responses[0].json(), expected["china"])
+    assert same_detections(responses[1].json(), expected["view"])
+    assert same_detections(responses[3].json(), expected["view"])
+    predictions = responses[4].json()["predictions"]
+    assert len(predictions) == 2
+    assert same_detections(predictions[0], expected["china"]) and same_detections(predictions[1], expected["flower"])
     assert responses[2].json()["type"] == "undecodable_input"
     assert responses[5].json()["type"] == "payload_too_large"
 
