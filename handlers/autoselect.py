@@ -8,6 +8,8 @@
       reduced_precision: cast   how TorchScript runs bf16/fp16: cast (weights cast, then frozen) | autocast
       accuracy_bound: 0.9       replaces the model's declared minimum of its held-out measure (handlers.accuracy)
       accept_lower_accuracy: false   true: a variant named here may serve below the bound (warned, metric)
+      selection_budget_s: 60    the most seconds `auto` may spend timing and checking at worker start; when the
+                                model is too slow for that, fp32 TorchScript serves unmeasured (said in the log)
 
 A setting that names a value wins. For `auto` the candidates are what the device runs natively
 (`handlers.capabilities`: no bf16 without AMX or AVX512-BF16, no int8 without a fast int8 path) and what
@@ -70,6 +72,7 @@ class Settings:
     cast: str = "cast"
     accuracy_bound: float | None = None
     accept_lower_accuracy: bool = False
+    budget_s: float = 60.0
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, tolerance: float) -> Settings:
@@ -89,7 +92,8 @@ class Settings:
         if not isinstance(accept, bool):
             raise ValueError(f"model-config.yaml handler.accept_lower_accuracy is {accept!r}; expected true or false")
         return cls(backend, precision, fusion, float(config.get("auto_tolerance", tolerance)), cast=cast,
-                   accuracy_bound=None if bound is None else float(bound), accept_lower_accuracy=accept)
+                   accuracy_bound=None if bound is None else float(bound), accept_lower_accuracy=accept,
+                   budget_s=float(config.get("selection_budget_s", 60.0)))
 
 
 def candidates(settings: Settings, caps: Capabilities, artefacts: Artefacts) -> list[Variant]:
@@ -171,19 +175,25 @@ def ranked(trials: Sequence[Trial], tolerance: float, margin: float) -> Iterator
         left.remove(best)
 
 
-def run_trials(variants: Sequence[Variant], load: Callable[[Variant], Runner], inputs: Sequence[torch.Tensor],
+def run_trials(variants: Sequence[Variant], load: Callable[[Variant], Runner], inputs: Sequence[Any],
                discrepancy: Callable[[torch.Tensor, torch.Tensor], float], reference: Runner, *,
-               repeats: int = 3, budget_s: float = 0.05,
+               repeats: int = 3, budget_s: float = 0.05, deadline: float = float("inf"),
                clock: Callable[[], float] = time.perf_counter) -> list[Trial]:
     """Load and time each variant on `inputs` (the median of at least `repeats` calls, more until `budget_s`
     has passed, so that sub-millisecond models are timed over many calls), and compare its output with the
-    `reference` runner's (fp32 TorchScript). A variant that fails in any way is skipped with the reason."""
+    `reference` runner's (fp32 TorchScript). A variant that fails in any way is skipped with the reason; so is
+    one whose timing, at the first variant's pace, would end after `deadline` (on `clock`)."""
     with torch.inference_mode():
         expected = reference(*inputs)
     trials: list[Trial] = []
     for variant in variants:
         trial = Trial(variant)
         trials.append(trial)
+        pace = trials[0].seconds
+        if pace is not None and clock() + pace * (repeats + 2) > deadline:
+            trial.error = f"not timed: at {pace:.2f} s a batch it would pass the selection budget"
+            log.warning("variant %s: %s", variant.name, trial.error)
+            continue
         try:
             runner = reference if variant == REFERENCE else load(variant)
             with torch.inference_mode():
@@ -262,10 +272,13 @@ def only(trial: Trial, settings: Settings, check: Check | None) -> Choice:
     return Choice(trial.variant, False, f"accepted below the bound by the config: {verdict}", [trial], verdict)
 
 
-def _finished(output: torch.Tensor) -> None:
-    """Wait for the GPU: a CUDA call returns when its kernels are queued, not when they are done."""
-    if output.is_cuda:
-        torch.cuda.synchronize(output.device)
+def _finished(output: Any) -> None:
+    """Wait for the GPU: a CUDA call returns when its kernels are queued, not when they are done. `output` is a
+    tensor, or a structure of them (a detector's list of dicts)."""
+    cuda = next((t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_cuda),
+                None)
+    if cuda is not None:
+        torch.cuda.synchronize(cuda.device)
 
 
 def cache_dir() -> Path:

@@ -53,10 +53,24 @@ class VariantLoading:
     def infer(self, batch: Any) -> Any:
         raise NotImplementedError
 
+    def unbatch(self, output: Any, count: int) -> list[Any]:
+        raise NotImplementedError
+
     def discrepancy(self, reference: torch.Tensor, output: torch.Tensor) -> float:
         raise NotImplementedError
 
-    def sample_inputs(self) -> tuple[torch.Tensor, ...] | None:
+    def heldout_row(self, row: Any) -> torch.Tensor:
+        """One `unbatch` row as the tensor the held-out measure compares (`handlers.accuracy`): the row itself
+        by default; handlers with structured rows (a detector's dict) override it."""
+        return row if isinstance(row, torch.Tensor) else torch.as_tensor(row)
+
+    def load_variant(self, variant: runtimes.Variant, artefacts: runtimes.Artefacts) -> runtimes.Runner:
+        """A runner for one variant of the archive's export (`handlers.runtimes`); handlers whose model is not
+        a tensors-in, tensor-out program (detectors) override it."""
+        return runtimes.load(variant, artefacts, self.device, channels_last=self.channels_last,
+                             cast=self.settings.cast)
+
+    def sample_inputs(self) -> tuple[Any, ...] | None:
         """A full batch built from the archive's `examples.json` requests, as `infer` receives it."""
         examples = self.model_dir / "examples.json"
         if not examples.is_file():
@@ -83,8 +97,7 @@ class VariantLoading:
             raise ValueError(f"no variant of this archive runs on {capabilities.name} with backend="
                              f"{self.settings.backend}, precision={self.settings.precision}; the archive has "
                              f"{', '.join(['torchscript', *artefacts.extra]) or 'no model file'}")
-        load = functools.partial(runtimes.load, artefacts=artefacts, device=self.device,
-                                 channels_last=self.channels_last, cast=self.settings.cast)
+        load = functools.partial(self.load_variant, artefacts=artefacts)
         if variants == [autoselect.REFERENCE]:  # fp32 TorchScript is what the others are checked against
             runner, decided = load(variants[0]), {"variant": variants[0].name, **variants[0].to_json(),
                                                   "reason": "the only candidate for these settings here"}
@@ -119,7 +132,11 @@ class VariantLoading:
 
     def _decide(self, variants: list[runtimes.Variant], load: Callable[[runtimes.Variant], runtimes.Runner]
                 ) -> tuple[autoselect.Choice, runtimes.Runner]:
+        """Time the candidates, then check them in order of preference on the held-out inputs, within
+        `selection_budget_s`: a timing or check that would pass it (judged from the first variant's pace) is not
+        started, and the reference serves."""
         started = time.perf_counter()
+        deadline = started + self.settings.budget_s
         reference = load(autoselect.REFERENCE)
         check = self.accuracy_check(reference)
         inputs = self.sample_inputs()
@@ -132,12 +149,28 @@ class VariantLoading:
             choice = autoselect.choose(trials, self.settings, check, 0)
             choice.reason = "no example inputs in the archive to time on; " + choice.reason
         else:
-            trials = autoselect.run_trials(variants, load, inputs, self.discrepancy, reference)
-            choice = autoselect.choose(trials, self.settings, check, self.batch_size)
-        served = next(t.runner for t in choice.trials if t.variant == choice.variant)
-        assert served is not None
+            trials = autoselect.run_trials(variants, load, inputs, self.discrepancy, reference, deadline=deadline)
+            over = self._check_over_budget(trials[0], len(inputs[0]), deadline)
+            if over:
+                choice = autoselect.Choice(autoselect.REFERENCE, True, over, trials)
+            else:
+                choice = autoselect.choose(trials, self.settings, check, self.batch_size)
+        served = next((t.runner for t in choice.trials if t.variant == choice.variant), None) or reference
         log.info("chose %s in %.2fs", choice.variant.name, time.perf_counter() - started)
         return choice, served
+
+    def _check_over_budget(self, reference: autoselect.Trial, timed_items: int, deadline: float) -> str | None:
+        """Why the held-out check is not started (reference and candidate on every held-out input, at the pace
+        of the first variant timed, would end after `deadline`), or None."""
+        heldout = accuracy.HeldOut.read(self.model_dir)
+        if heldout is None or reference.seconds is None:
+            return None
+        needed = 2 * len(heldout.inputs) * reference.seconds / max(1, timed_items)
+        if time.perf_counter() + needed <= deadline:
+            return None
+        return (f"fp32 TorchScript, unchecked against faster variants: their check on the {len(heldout.inputs)} "
+                f"held-out inputs would take about {needed:.0f} s, past handler.selection_budget_s "
+                f"({self.settings.budget_s:g} s; raise it, and the model's startupTimeout, to measure them)")
 
     def accuracy_check(self, reference: runtimes.Runner) -> autoselect.Check | None:
         """The held-out check of a runner: the archive's `heldout.json` inputs through this handler's own
@@ -146,14 +179,18 @@ class VariantLoading:
         if heldout is None:
             return None
         batches = self._heldout_batches(heldout.inputs)
-        expected = self._outputs(reference, batches)
+        expected: list[torch.Tensor] = []
 
         def check(runner: runtimes.Runner) -> accuracy.Verdict:
+            if not expected:  # the reference's answers, once, when a variant is first checked
+                expected.extend(self._outputs(reference, batches))
             return heldout.verdict(expected, self._outputs(runner, batches))
 
         return check
 
-    def _heldout_batches(self, payloads: list[Any]) -> list[Any]:
+    def _heldout_batches(self, payloads: list[Any]) -> list[tuple[Any, int]]:
+        """The held-out inputs decoded, prepared and collated in batches of the configured size, each with
+        its count of items."""
         items: list[Any] = []
         for payload in payloads:
             items.extend(self.decode_request(payload))
@@ -162,16 +199,17 @@ class VariantLoading:
         if failed is not None:
             raise ValueError(f"a held-out input of this archive is refused by its own handler: {failed.message}")
         size = max(1, self.batch_size)
-        return [self.collate(prepared[i : i + size]) for i in range(0, len(prepared), size)]
+        chunks = [prepared[i : i + size] for i in range(0, len(prepared), size)]
+        return [(self.collate(chunk), len(chunk)) for chunk in chunks]
 
-    def _outputs(self, runner: runtimes.Runner, batches: list[Any]) -> torch.Tensor:
-        """What `infer` returns for each batch with `runner` as the model, as one float tensor of rows."""
+    def _outputs(self, runner: runtimes.Runner, batches: list[tuple[Any, int]]) -> list[torch.Tensor]:
+        """What `infer` then `unbatch` give `encode` for each held-out input with `runner` as the model: one
+        tensor a row (`heldout_row`), on the CPU."""
         served = self.__dict__.get("model")
         self.model = runner
         try:
             with torch.inference_mode():
-                rows = [torch.stack(list(out)) if isinstance(out := self.infer(batch), (list, tuple)) else out
-                        for batch in batches]
+                rows = [row for batch, count in batches for row in self.unbatch(self.infer(batch), count)]
         finally:
             self.__dict__["model"] = served
-        return torch.cat([r.float().cpu() for r in rows])
+        return [self.heldout_row(row).cpu() for row in rows]

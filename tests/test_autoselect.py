@@ -157,6 +157,18 @@ def test_trials_compare_with_fp32_and_skip_any_variant_that_fails() -> None:
     assert trials[3].error == "_BackendOwnError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : kernel failed"
 
 
+def test_variants_that_would_pass_the_selection_deadline_are_not_timed() -> None:
+    """At the first variant's pace (10 s a call on this fake clock) timing another would end past the deadline."""
+    ticks = itertools.count(step=10)
+    runner = lambda *inputs: torch.ones(1)  # noqa: E731
+    trials = run_trials([Variant(), Variant(precision="bf16")], lambda v: runner, (torch.zeros(1),),
+                        lambda ref, out: 0.0, runner, repeats=3, budget_s=0.0, deadline=100.0,
+                        clock=lambda: float(next(ticks)))
+    assert trials[0].seconds == 10.0 and trials[1].seconds is None
+    assert trials[1].error == "not timed: at 10.00 s a batch it would pass the selection budget"
+    assert pick(trials, 0.01, 0.05).variant == Variant()
+
+
 def test_workers_of_one_model_share_the_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TSFORGE_CACHE_DIR", str(tmp_path))
     choice = autoselect.Choice(Variant("onnxruntime", "int8"), True, "fastest", [])
