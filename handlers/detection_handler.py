@@ -5,17 +5,21 @@
 Boxes are xyxy in the pixels of the image as sent (after EXIF orientation), sorted by score. The model is a
 scripted torchvision detector (a list of [3, H, W] images in [0, 1] in; `(losses, [{"boxes", "labels", "scores"}])`
 out). Its own transform resizes each image so that the shorter side is `min_size`, unless the longer side would
-pass `max_size`; the handler does that resize itself, with the same arithmetic (float, bilinear, no antialias),
-so the model's resize is an identity and a batch carries small images; the boxes are scaled back here.
+pass `max_size` (or stretches it to `fixed_size`); the handler does that resize itself, with the same arithmetic
+(float, bilinear, no antialias), so the model's resize is an identity and a batch carries small images; the boxes
+are scaled back here.
 
 Settings in the archive's model-config.yaml `handler:` section:
 
     min_size: 320          the detector's transform.min_size (`tsforge new` reads it from the model)
     max_size: 640          its transform.max_size
+    fixed_size: [320, 320] its transform.fixed_size (width, height: SSD stretches every image to it), or absent
     score_threshold: 0.5   detections below it are dropped
     max_detections: 100    at most this many per image, the best first
     max_pixels: 40000000   larger images are answered with 413 (handlers/images.py)
     threads: 1             torch intra-op threads
+    onednn_fusion: auto    true: serve the program frozen and optimised for inference (CPU), false: as exported,
+                           auto: the faster here whose detections keep the model's bound (`handlers.accuracy`)
 
 v2 (Open Inference Protocol) outputs, one row per detection of all the request's images: `boxes` FP32 [-1, 4],
 `scores` FP32 [-1], `labels` BYTES [-1], `image` INT32 [-1] (the index of the input image it belongs to).
@@ -32,12 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from handlers import oip
+from handlers import accuracy, oip
 from handlers.base import BatchHandler
-from handlers.detection import DetectionInput, model_size, to_original_pixels
+from handlers.detection import DetectionInput, detections_of, model_size, to_original_pixels
 from handlers.errors import InvalidInput, UndecodableInput
 from handlers.images import DEFAULT_MAX_PIXELS, open_image, to_mode
 from handlers.payload import as_bytes
+from handlers.runtimes import Artefacts, Variant, VariantUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +50,16 @@ log = logging.getLogger(__name__)
 class DetectionHandler(BatchHandler):
     """Returns `{"detections": [{"label", "score", "box": [x1, y1, x2, y2]}]}` per image."""
 
+    default_backend = "torchscript"
+    default_precision = "fp32"
+    #: the largest 1 - F1 of a variant's detections against fp32's on the example images that `auto` accepts
+    default_tolerance = 0.1
+
     def setup(self) -> None:
         self.min_size = int(self.config.get("min_size", 320))
         self.max_size = int(self.config.get("max_size", 640))
+        fixed = self.config.get("fixed_size")
+        self.fixed_size = None if fixed is None else (int(fixed[0]), int(fixed[1]))
         self.score_threshold = float(self.config.get("score_threshold", 0.5))
         self.max_detections = int(self.config.get("max_detections", 100))
         self.max_pixels = int(self.config.get("max_pixels", DEFAULT_MAX_PIXELS))
@@ -58,18 +70,19 @@ class DetectionHandler(BatchHandler):
         self.model = self.load_model()
         self.warm_up()
 
-    def load_model(self) -> Any:
-        """The archive's scripted detector as exported: its output is a tuple of dicts, which the int8/ONNX/
-        AOTInductor runners (handlers/runtimes.py, tensors only) do not carry, so there is nothing to choose."""
-        serialized = ((self.context.manifest or {}).get("model") or {}).get("serializedFile")
-        if not serialized:
-            raise RuntimeError("the archive has no serialized model file")
+    def load_variant(self, variant: Variant, artefacts: Artefacts) -> Any:
+        """The scripted detector as exported, or (`fusion`, on a CPU) frozen and optimised for inference:
+        batch norm folded into the convolutions, which run as oneDNN (MKL-DNN) kernels. A detector takes a list
+        of images and returns dicts, which the int8/ONNX/AOTInductor runners (tensors only) do not carry."""
+        if variant.backend != "torchscript" or variant.precision != "fp32":
+            raise VariantUnavailable(f"a detector is served as scripted fp32 TorchScript, not {variant.name}")
         import torchvision  # noqa: F401  (registers the ops the program calls: torchvision::nms, roi_align)
 
-        model = torch.jit.load(str(self.model_dir / serialized), map_location=self.device)  # type: ignore[no-untyped-call]
-        self.selection = {"variant": "torchscript-fp32", "backend": "torchscript", "precision": "fp32",
-                          "fusion": False, "reason": "detectors are served as exported (scripted fp32)"}
-        return model.eval()
+        program = torch.jit.load(str(artefacts.path(variant)), map_location=self.device)  # type: ignore[no-untyped-call]
+        program = program.eval()
+        if variant.fusion and self.device.type == "cpu":
+            program = torch.jit.optimize_for_inference(torch.jit.freeze(program))
+        return program
 
     def warm_up(self) -> None:
         """TorchScript's profiling executor optimises on the first calls; make them before serving."""
@@ -91,7 +104,7 @@ class DetectionHandler(BatchHandler):
         image = to_mode(open_image(data, self.max_pixels), "RGB")
         width, height = image.size
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-        target_w, target_h = model_size(pixels.shape[2], pixels.shape[1], self.min_size, self.max_size)
+        target_w, target_h = model_size(pixels.shape[2], pixels.shape[1], self.min_size, self.max_size, self.fixed_size)
         if min(target_w, target_h) < 1:
             raise InvalidInput(f"the image is {width}x{height}: scaled to fit {self.max_size} pixels it would have no "
                                "rows or columns; its aspect ratio is too extreme")
@@ -120,11 +133,15 @@ class DetectionHandler(BatchHandler):
 
     def _in_original_pixels(self, item: DetectionInput, detection: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The boxes in the image's pixels, filtered by the threshold and cut to the best `max_detections`."""
-        boxes = to_original_pixels(item, detection["boxes"])
+        return self._kept({**detection, "boxes": to_original_pixels(item, detection["boxes"])})
+
+    def _kept(self, detection: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The detections at or above the score threshold, best first, at most `max_detections`, on the CPU."""
         scores = detection["scores"].float().cpu()
         keep = torch.argsort(scores, descending=True, stable=True)
         keep = keep[scores[keep] >= self.score_threshold][: self.max_detections]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": detection["labels"].cpu()[keep]}
+        return {"boxes": detection["boxes"].float().cpu()[keep], "scores": scores[keep],
+                "labels": detection["labels"].cpu()[keep]}
 
     def unbatch(self, output: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
         if len(output) != count:
@@ -148,6 +165,19 @@ class DetectionHandler(BatchHandler):
         return [oip.output_tensor("boxes", boxes), oip.output_tensor("scores", scores),
                 oip.output_tensor("labels", labels), oip.output_tensor("image", image)]
 
-    def sample_inputs(self) -> None:
-        """No timing of variants: there is one (`load_model`)."""
-        return None
+    def sample_inputs(self) -> tuple[list[torch.Tensor]] | None:
+        """Two example images as the model takes them (one list), for timing the variants: detectors are slow
+        enough for the timings to be steady, and a full batch would spend the selection budget."""
+        items: tuple[DetectionInput, ...] | None = super().sample_inputs()
+        return None if items is None else ([item.pixels.to(self.device) for item in items[:2]],)
+
+    def discrepancy(self, reference: Any, output: Any) -> float:
+        """For `auto` on a batch of example images: 1 - the detections' F1 against fp32's (`handlers.accuracy`),
+        above the score threshold."""
+        rows = [[self.heldout_row(self._kept(d)) for d in detections_of(out)] for out in (reference, output)]
+        return 1.0 - accuracy.detection_f1(rows[0], rows[1])
+
+    def heldout_row(self, row: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[K, 6]: x1, y1, x2, y2, score, label of each detection, for `handlers.accuracy.detection_f1`."""
+        return torch.cat([row["boxes"].float().reshape(-1, 4), row["scores"].float().reshape(-1, 1),
+                          row["labels"].float().reshape(-1, 1)], dim=1)

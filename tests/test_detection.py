@@ -23,6 +23,9 @@ from PIL import Image
 
 from export.models.detection import eager_from_torchscript
 from export.models.resnet import jpeg, real_views, sample_photos
+from handlers import autoselect
+from handlers.accuracy import AccuracyRefused
+from handlers.runtimes import Variant
 from loadtest.inprocess import LocalHandler
 from loadtest.payloads import Case, check_detections
 from tests.conftest import BUILD, ROOT, built_archive
@@ -124,6 +127,30 @@ def test_threshold_and_maximum_come_from_the_config(mar: Path, local: LocalHandl
                                                                               reverse=True)
 
 
+def test_the_served_variant_keeps_the_detection_bound_and_moved_boxes_are_refused(local: LocalHandler) -> None:
+    """Each worker times the program as exported and frozen for inference, and serves the faster only within the
+    declared detection F1 on the held-out views; a runner whose boxes moved by 40 px is refused with its figure."""
+    handler = local.handler
+    selection = handler.selection
+    assert selection["candidates"] == ["torchscript-fp32", "torchscript-fp32+fusion"]
+    assert {t["variant"] for t in selection["trials"]} == set(selection["candidates"])
+    if selection["variant"] != "torchscript-fp32":
+        assert selection["accuracy"]["measure"] == "detection_f1" and selection["accuracy"]["within_bound"]
+    served = handler.model
+    check = handler.accuracy_check(served)
+    assert check is not None
+    assert check(served).value == 1.0
+
+    def moved(images: list[torch.Tensor]) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+        losses, found = served(images)
+        return losses, [{**d, "boxes": d["boxes"] + 40.0} for d in found]
+
+    verdict = check(moved)
+    assert not verdict.within and verdict.value < 0.5, verdict
+    with pytest.raises(AccuracyRefused, match=r"refusing to serve torchscript-fp32\+fusion: detection_f1 0\.\d+ < "):
+        autoselect.only(autoselect.Trial(Variant("torchscript", "fp32", True), runner=moved), handler.settings, check)
+
+
 def test_bad_rows_get_their_own_4xx_and_the_batch_goes_on(local: LocalHandler, photos: dict[str, bytes]) -> None:
     alone = [answers(local, [photos[name]])[0] for name in ("china", "flower")]
     bodies = [photos["china"], b"not an image", photos["china"][: len(photos["china"]) // 2], b"",
@@ -141,7 +168,7 @@ def test_tsforge_new_declares_a_detector_that_answers_as_the_shipped_one(tmp_pat
                                                                          local: LocalHandler,
                                                                          photos: dict[str, bytes]) -> None:
     """`tsforge new --task object-detection --from torchvision:...` with the shipped detector's weights as a state
-    dict, then export and archive outside the checkout: the archive's handler answers exactly as detector.mar's."""
+    dict, then export and archive outside the checkout: the archive's handler answers as detector.mar's."""
     weights = tmp_path / "detector.pth"
     torch.save(torch.jit.load(str(BUILD / MODEL / f"{MODEL}.pt")).state_dict(), weights)  # type: ignore[no-untyped-call]
     env = {**os.environ, "TSFORGE_MODELS": str(tmp_path / "models")}
@@ -152,8 +179,11 @@ def test_tsforge_new_declares_a_detector_that_answers_as_the_shipped_one(tmp_pat
             str(tmp_path / "build"), "--store", str(tmp_path / "store"), env=env)
     declared = LocalHandler.load(tmp_path / "store" / "det.mar")
     bodies = [photos["china"], *real_views(2, seed=11)]
-    assert answers(declared, bodies) == answers(local, bodies)
-    assert answers(local, bodies)[0][1]["detections"]
+    ours, shipped = answers(declared, bodies), answers(local, bodies)
+    assert [s for s, _ in ours] == [s for s, _ in shipped] == [200] * len(bodies)
+    # each archive's worker measures which program serves faster (as exported or frozen); both answer alike
+    assert all(same_detections(a, b) for (_, a), (_, b) in zip(ours, shipped, strict=True))
+    assert shipped[0][1]["detections"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -21,6 +21,7 @@ import base64
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 
 from export.models import resnet
 from export.spec import ModelSpec, PreparedModel
+from handlers.detection import detections_of
 
 SEED = 0
 ARCHITECTURE = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -37,6 +39,10 @@ HANDLER = "handlers/detection_handler.py"
 SHARPEN = 12.0
 #: parity of the scripted program with eager, in box pixels and scores (the same float32 kernels: ~0)
 TOLERANCE = 1e-3
+#: held-out views each worker checks the variant it would serve on (handlers/accuracy.py): the detections' F1
+#: against fp32's (same label, IoU >= 0.5), averaged over the views, must stay at or above the minimum
+HELDOUT_VIEWS = 12
+MIN_DETECTION_F1 = 0.95
 
 
 def coco_labels() -> list[str]:
@@ -46,22 +52,37 @@ def coco_labels() -> list[str]:
     return categories
 
 
-def detector_input(data: bytes, min_size: int = 320, max_size: int = 640) -> torch.Tensor:
+@dataclass(frozen=True)
+class Sizes:
+    """What a torchvision detector's transform scales images to: the shorter side to `min_size` unless the longer
+    would pass `max_size`, or every image stretched to `fixed` (width, height; SSD's)."""
+
+    min_size: int = 320
+    max_size: int = 640
+    fixed: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Sizes:
+        transform = getattr(model, "transform", None)
+        min_size = getattr(transform, "min_size", (800,))
+        fixed = getattr(transform, "fixed_size", None)
+        return cls(int(min_size[-1] if isinstance(min_size, (tuple, list)) else min_size),
+                   int(getattr(transform, "max_size", 1333)), None if fixed is None else (int(fixed[0]), int(fixed[1])))
+
+    @property
+    def shorter_side(self) -> int:
+        return min(self.fixed) if self.fixed else self.min_size
+
+
+def detector_input(data: bytes, sizes: Sizes = Sizes()) -> torch.Tensor:
     """One image file as the handler hands it to the model: [3, h, w] in [0, 1] at the model's size."""
     from handlers.detection_handler import DetectionHandler
 
     handler = DetectionHandler.__new__(DetectionHandler)
-    handler.min_size, handler.max_size, handler.max_pixels = min_size, max_size, 40_000_000
+    handler.min_size, handler.max_size, handler.fixed_size = sizes.min_size, sizes.max_size, sizes.fixed
+    handler.max_pixels = 40_000_000
     pixels: torch.Tensor = handler.decode(data).pixels
     return pixels
-
-
-def transform_sizes(model: torch.nn.Module) -> tuple[int, int]:
-    """(min_size, max_size) of a torchvision detector's transform (320, 640 for the shipped one)."""
-    transform = getattr(model, "transform", None)
-    min_size = getattr(transform, "min_size", (800,))
-    return int(min_size[-1] if isinstance(min_size, (tuple, list)) else min_size), \
-        int(getattr(transform, "max_size", 1333))
 
 
 def eager_from_torchscript(path: str, architecture: str = ARCHITECTURE) -> torch.nn.Module:
@@ -73,16 +94,6 @@ def eager_from_torchscript(path: str, architecture: str = ARCHITECTURE) -> torch
     model: torch.nn.Module = getattr(detection, architecture)(weights=None, weights_backbone=None)
     model.load_state_dict(program.state_dict())
     return model.eval()
-
-
-def detections_of(output: Any) -> list[dict[str, torch.Tensor]]:
-    """A detector's per-image dicts: eager torchvision returns the list, a scripted one (losses, the list)."""
-    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
-        output = output[1]
-    if not isinstance(output, list) or not all(isinstance(d, dict) and {"boxes", "labels", "scores"} <= set(d)
-                                               for d in output):
-        raise ValueError(f"expected a list of {{'boxes', 'labels', 'scores'}} dicts, got {type(output).__name__}")
-    return output
 
 
 def class_count(model: torch.nn.Module) -> int | None:
@@ -110,7 +121,8 @@ def detector_labels(model: torch.nn.Module, coco: bool, given: list[str] | None)
 
 
 def liven(model: torch.nn.Module) -> torch.nn.Module:
-    """Batch-norm statistics from the sample photos and a sharper classifier (see the module's docstring)."""
+    """Batch-norm statistics from the sample photos and a sharper classifier (see the module's docstring); for a
+    one-stage detector (RetinaNet, SSD), classification layers rescaled to `LOGIT_SPREAD` (`spread_logits`)."""
     from export.models.segmentation import calibrate_batchnorm
 
     backbone = getattr(model, "backbone", None)
@@ -122,7 +134,47 @@ def liven(model: torch.nn.Module) -> torch.nn.Module:
         with torch.no_grad():
             score.weight.mul_(SHARPEN)
             score.bias.mul_(SHARPEN)
+    else:
+        spread_logits(model.eval())
     return model.eval()
+
+
+#: the standard deviation of a one-stage detector's classification logits (over the sample views) after `liven`:
+#: sigmoid heads (RetinaNet: "cls_logits", bias at the 0.01 prior) and softmax heads (SSD: "module_list"). With
+#: random weights they vary by ~0.01 (every score ~1/91, or all under RetinaNet's 0.05 score_thresh: no boxes); at
+#: these spreads the sample photos give tens (SSDlite) to ~150 (RetinaNet) boxes above the 0.5 threshold
+LOGIT_SPREAD = {"sigmoid": 0.7, "softmax": 1.4}
+
+
+def spread_logits(model: torch.nn.Module) -> None:
+    """Scale the weights of a RetinaNet's or SSD's last classification convolutions so that their logits on views
+    of the sample photos have the standard deviation `LOGIT_SPREAD` gives (no-op for other detectors)."""
+    head = getattr(getattr(model, "head", None), "classification_head", None)
+    if isinstance(getattr(head, "cls_logits", None), torch.nn.Conv2d):
+        layers, kind = [head.cls_logits], "sigmoid"  # type: ignore[union-attr]
+    elif isinstance(getattr(head, "module_list", None), torch.nn.ModuleList):
+        blocks = list(head.module_list)  # type: ignore[union-attr]
+        layers = [block[-1] if isinstance(block, torch.nn.Sequential) else block for block in blocks]
+        kind = "softmax"
+    else:
+        return
+    if not all(isinstance(layer, torch.nn.Conv2d) for layer in layers):
+        return
+    outputs: dict[torch.nn.Module, list[torch.Tensor]] = {layer: [] for layer in layers}
+    hooks = [layer.register_forward_hook(lambda module, _, output: outputs[module].append(output.flatten()))
+             for layer in layers]
+    sizes = Sizes.of(model)
+    try:
+        with torch.inference_mode():
+            model([detector_input(view, sizes) for view in resnet.real_views(2, seed=SEED + 7)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        for layer in layers:
+            spread = float(torch.cat(outputs[layer]).std())
+            if spread > 0:
+                layer.weight.mul_(LOGIT_SPREAD[kind] / spread)
 
 
 def prepare_detector(model: torch.nn.Module, labels: list[str], examples: list[bytes] | None = None,
@@ -131,9 +183,11 @@ def prepare_detector(model: torch.nn.Module, labels: list[str], examples: list[b
     "scores"} out) with the example photos (examples.json) and the images its scripted program is checked on."""
     model = model.eval()
     photos = examples or [resnet.jpeg(photo) for photo in resnet.sample_photos().values()]
-    min_size, max_size = transform_sizes(model)
-    images = [detector_input(photo, min_size, max_size) for photo in photos]
-    views = [detector_input(view, min_size, max_size) for view in resnet.real_views(4, seed=SEED + 3)]
+    sizes = Sizes.of(model)
+    images = [detector_input(photo, sizes) for photo in photos]
+    views = [detector_input(view, sizes) for view in resnet.real_views(4, seed=SEED + 3)]
+    sources = resnet.view_sources(examples)
+    heldout = resnet.real_views(HELDOUT_VIEWS, seed=SEED + 4, max_side=sizes.shorter_side, sources=sources)
     with torch.inference_mode():
         found = [len(d["boxes"]) for d in detections_of(model(images))]
     cases = [{"input": {"data": base64.b64encode(photo).decode()}, "expect": {"candidates": count}}
@@ -145,6 +199,9 @@ def prepare_detector(model: torch.nn.Module, labels: list[str], examples: list[b
         labels=labels,
         metrics={"parameters": float(sum(p.numel() for p in model.parameters()))},
         extra_files={"examples.json": json.dumps(cases, indent=1).encode()},
+        heldout=[{"data": base64.b64encode(view).decode()} for view in heldout],
+        heldout_about=f"{HELDOUT_VIEWS} views (crops, scales, mirror images) of "
+                      + ("scikit-learn's two sample photos" if sources is None else "the example images"),
     )
 
 
@@ -162,7 +219,7 @@ def detector_spec(name: str, factory: Callable[[], PreparedModel], *, descriptio
                   **extra: Any) -> ModelSpec:
     """The declaration of a detector served by handlers/detection_handler.py: scripted, fp32 TorchScript only."""
     return ModelSpec(name=name, revision=revision, factory=factory, handler=HANDLER, description=description,
-                     script=True, tolerance=TOLERANCE, **extra)
+                     script=True, tolerance=TOLERANCE, accuracy=("detection_f1", MIN_DETECTION_F1), **extra)
 
 
 DETECTOR = detector_spec(
@@ -173,15 +230,19 @@ DETECTOR = detector_spec(
 SPECS = (DETECTOR,)
 
 
-def config_for(name: str, min_size: int, max_size: int) -> str:
+def config_for(name: str, sizes: Sizes) -> str:
     """config/models/NAME.yaml for a detector `tsforge new` declares: the shipped detector's settings, with the
     model's own transform sizes."""
     from export.registry import ROOT
 
     shipped = (ROOT / "config" / "models" / "detector.yaml").read_text().splitlines(keepends=True)
     body = "".join(shipped[next(n for n, line in enumerate(shipped) if not line.startswith("#")):])
-    body = re.sub(r"(?m)^(  min_size: )\d+", rf"\g<1>{min_size}", body)
-    body = re.sub(r"(?m)^(  max_size: )\d+", rf"\g<1>{max_size}", body)
+    body = re.sub(r"(?m)^(  min_size: )\d+", rf"\g<1>{sizes.min_size}", body)
+    body = re.sub(r"(?m)^(  max_size: )\d+", rf"\g<1>{sizes.max_size}", body)
+    if sizes.fixed:
+        width, height = sizes.fixed
+        body = re.sub(r"(?m)^(  max_size: .*\n)", rf"\g<1>  fixed_size: [{width}, {height}]   # the model stretches "
+                      "every image to width x height; the handler does, and scales boxes back per axis\n", body)
     return (f"# TorchServe model-config.yaml for {name} (packaged as model-config.yaml), written by `tsforge new`\n"
             f"# from the detector example's settings. `make tune MODEL={name}` measures workers x batch x delay.\n"
             + body)
@@ -195,8 +256,8 @@ def new_files(name: str, module: torch.nn.Module, coco: bool, labels: list[str] 
 
     if variants:
         raise NewError("object-detection exports scripted fp32 TorchScript only; expected no --variants (or none)")
-    min_size, max_size = transform_sizes(module)
-    image = detector_input(next(iter(photos.values())), min_size, max_size)
+    sizes = Sizes.of(module)
+    image = detector_input(next(iter(photos.values())), sizes)
     expected = "object-detection expects a torchvision-style detector taking a list of [3, H, W] images in [0, 1]"
     output = run_once(module, [image], expected)  # type: ignore[arg-type]  # a detector takes a list
     try:
@@ -211,4 +272,4 @@ def new_files(name: str, module: torch.nn.Module, coco: bool, labels: list[str] 
             raise NewError(f"the detector cannot be compiled by torch.jit.script (expected a module TorchScript "
                            f"compiles, as torchvision's detectors; detectors are scripted, not traced): "
                            f"{short_message(exc)}") from exc
-    return config_for(name, min_size, max_size), {examples / photo: data for photo, data in photos.items()}
+    return config_for(name, sizes), {examples / photo: data for photo, data in photos.items()}

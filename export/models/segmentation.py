@@ -29,6 +29,10 @@ SEED = 0
 #: count of the stock handler's 224 crop, so the two do the same model work per image
 SIDE = 224
 ARCHITECTURE = "lraspp_mobilenet_v3_large"
+#: held-out views each worker checks the variant it would serve on (handlers/accuracy.py): the share of their
+#: pixels whose class is fp32's must stay at or above the minimum
+HELDOUT_VIEWS = 16
+MIN_PIXEL_AGREEMENT = 0.98
 
 
 class OutTensor(torch.nn.Module):
@@ -62,13 +66,14 @@ def prepare_segmenter(model: torch.nn.Module, labels: list[str], examples: list[
                       side: int = SIDE) -> PreparedModel:
     """Any segmenter (a [N, 3, side, side] ImageNet-normalised batch in, [N, classes, side, side] logits or a dict
     with "out" out) wrapped to return the logits, with the example photo(s) as examples.json (their size is the
-    answer's width and height) and noise for the parity check."""
+    answer's width and height), noise for the parity check and held-out views for the accuracy gate."""
     from handlers.segmentation import original_size
 
     module = OutTensor(model.eval()).eval()
     photos = examples or [resnet.jpeg(resnet.sample_photos()[resnet.EXAMPLE_PHOTO])]
     real = segmenter_tensor(photos[0], side).unsqueeze(0)
     noise = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(SEED))
+    sources = resnet.view_sources(examples)
     cases = []
     for photo in photos:
         width, height = original_size(photo)
@@ -81,6 +86,10 @@ def prepare_segmenter(model: torch.nn.Module, labels: list[str], examples: list[
         labels=labels,
         metrics={"parameters": float(sum(p.numel() for p in module.parameters()))},
         extra_files={"examples.json": json.dumps(cases, indent=1).encode()},
+        heldout=[{"data": base64.b64encode(view).decode()} for view in
+                 resnet.real_views(HELDOUT_VIEWS, seed=SEED + 6, max_side=side, sources=sources)],
+        heldout_about=f"{HELDOUT_VIEWS} views (crops, scales, mirror images) of "
+                      + ("scikit-learn's two sample photos" if sources is None else "the example images"),
     )
 
 
@@ -113,10 +122,11 @@ def calibrate_batchnorm(model: torch.nn.Module, views: int = 16) -> torch.nn.Mod
 
 def segmenter_spec(name: str, factory: Callable[[], PreparedModel], *, description: str,
                    revision: int = 1, **extra: Any) -> ModelSpec:
-    """The declaration of an image segmenter served by handlers/segmentation_handler.py: fp32 TorchScript only
-    (no int8/ONNX bound is defined for class maps here, and the archive builds in seconds on 2 cores)."""
+    """The declaration of an image segmenter served by handlers/segmentation_handler.py: fp32 TorchScript, which
+    each worker may run cast to bf16/fp16 where that is native and keeps the class maps within the pixel-agreement
+    bound on the held-out views (no int8/ONNX exports: the archive builds in seconds on 2 cores)."""
     return ModelSpec(name=name, revision=revision, factory=factory, handler="handlers/segmentation_handler.py",
-                     description=description, **extra)
+                     description=description, accuracy=("pixel_agreement", MIN_PIXEL_AGREEMENT), **extra)
 
 
 SEGMENTER = segmenter_spec(
@@ -154,3 +164,15 @@ def stock_model_file(torchscript: str, out: str) -> None:
     inner = torch.jit.load(torchscript, map_location="cpu")  # type: ignore[no-untyped-call]
     scripted = torch.jit.script(DictOut(inner).eval())  # type: ignore[no-untyped-call]
     scripted.save(out)  # type: ignore[no-untyped-call]
+
+
+def eager_from_torchscript(path: str, architecture: str = ARCHITECTURE, num_classes: int = 21) -> torch.nn.Module:
+    """The eager torchvision segmenter (in `OutTensor`, as exported) with the weights of an exported one: the
+    in-process reference of the tests (the traced program's parameter names are OutTensor's)."""
+    import torchvision
+
+    program = torch.jit.load(path, map_location="cpu")  # type: ignore[no-untyped-call]
+    model = OutTensor(torchvision.models.get_model(architecture, weights=None, weights_backbone=None,
+                                                   num_classes=num_classes))
+    model.load_state_dict(program.state_dict())
+    return model.eval()
