@@ -49,19 +49,23 @@ install: $(INSTALLED) ## Create .venv with what archive and serve need: torch, t
 
 install-dev: $(DEV_INSTALLED) ## Add every other extra to .venv: the test tools, load tests, plots (test, lint, bench run it)
 
+# `pip install` done by uv where it can be, from the same places pip's own configuration names; pip otherwise
+# (tsforge/bootstrap.py says how and why)
+VIA_UV = $(PY) tsforge/bootstrap.py
+
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torchvision 0.29.1 needs exactly torch 2.14.1 (it runs on CPU and GPU alike).
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VIA_UV) pip install -q torch==2.14.1 torchvision==0.29.1
 	# What a first `make archive && make serve` needs: the examples (scikit-learn, MiniLM), their ONNX variants and
 	# the v2 front; `pip install .` alone serves your own model (pyproject.toml lists what each extra is for).
-	$(PY) -m pip install -q -e '.[examples,onnx,front]'
+	$(VIA_UV) pip install -q -e '.[examples,onnx,front]'
 	touch $@
 
 # The rest (test tools, kubernetes-validate's schemas, locust, matplotlib): about 200 s more of downloads on a
 # fresh machine (25 s of CPU), so only the targets that use them install them.
 $(DEV_INSTALLED): $(INSTALLED)
-	$(PY) -m pip install -q -e '.[dev,loadtest,plots,examples,front,onnx]'
+	$(VIA_UV) pip install -q -e '.[dev,loadtest,plots,examples,front,onnx]'
 	touch $@
 
 export: $(MODELS:%=$(BUILD)/%/export.json) ## Trace MODELS to TorchScript with a parity check (build/NAME/)
