@@ -4,8 +4,9 @@
 
 1. tsforge: the archive's handler on TorchServe (model_store/MODEL.mar as built)
 2. stock:   TorchServe's own handler (image_classifier for image models) on the same TorchScript file, at
-            its best setting here: each of 1 or 2 workers x batch 1 or 8 is served at the highest level for
-            --stock-sweep-duration s, and the fastest is then measured at every level like the others
+            its best setting here: each of 1 or 2 workers x batch 1 or 8 (each worker its share of the cores
+            as torch threads) is served at the highest level for --stock-sweep-duration s, and the fastest is
+            then measured at every level like the others
 3. flask:   a plain Flask server, one fp32 forward pass per request (loadtest/flask_baseline.py)
 4. ceiling: the archive's handler in this process, a batched loop, no server (decode+infer+encode), and
             the forward pass alone
@@ -73,10 +74,21 @@ BENCH_BUILD = ROOT / "build" / "bench"
 @dataclass(frozen=True)
 class StockSetting:
     """How TorchServe serves the stock handler: its workers and batch size (the delay is the tsforge archive's, so
-    both wait as long to fill a batch)."""
+    both wait as long to fill a batch), each worker given its share of the cores as torch threads."""
 
     workers: int
     batch_size: int
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per worker. The stock handlers set none, so each worker would take every core and several
+        workers would fight over them (OpenMP's waiting threads spin); a user running more than one sets
+        OMP_NUM_THREADS, as TorchServe's performance guide says."""
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
 
     @classmethod
     def parse(cls, text: str) -> StockSetting:
@@ -190,10 +202,12 @@ def measure(cases: list[Case], level: int, duration: float, url: str, pid: int |
 
 
 def run_torchserve(label: str, model: str, store: Path, cases: list[Case], levels: list[int],
-                   duration: float, warmup: float, described: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Rows for each level; `described` receives the handler's description of how it runs the model."""
+                   duration: float, warmup: float, described: dict[str, Any] | None = None,
+                   env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rows for each level; `described` receives the handler's description of how it runs the model; `env` is
+    TorchServe's (and its workers')."""
     rows = []
-    with torchserve([model], store=store, name=f"bench-{model}-{label}") as server:
+    with torchserve([model], store=store, name=f"bench-{model}-{label}", env=env) as server:
         if described is not None:
             described.update(selection(server, model))
         url = f"{server.url('inference')}/predictions/{model}"
@@ -285,9 +299,11 @@ def run_stock(model: str, cases: list[Case], levels: list[int], duration: float,
         store = BENCH_BUILD / "stock-store" / setting.name
         if stock_archive(model, store, setting, delay) is None:
             return [], None
-        entry: dict[str, Any] = {"workers": setting.workers, "batch_size": setting.batch_size}
+        entry: dict[str, Any] = {"workers": setting.workers, "batch_size": setting.batch_size,
+                                 "threads": setting.threads}
         try:
-            row = run_torchserve(f"stock-{setting.name}", model, store, cases, [level], sweep[0], sweep[1])[0]
+            row = run_torchserve(f"stock-{setting.name}", model, store, cases, [level], sweep[0], sweep[1],
+                                 env=setting.env)[0]
             entry |= {"qps": row["qps"], "p99_ms": row["latency_ms"]["p99"], "success_rate": row["success_rate"]}
         except Exception as exc:  # a setting that cannot start here is a finding, not the end of the bench
             entry["error"] = str(exc)[:300]
@@ -297,9 +313,11 @@ def run_stock(model: str, cases: list[Case], levels: list[int], duration: float,
         raise RuntimeError(f"no stock setting served a correct answer: {tried}")
     best = max(measured, key=lambda t: t["qps"])
     chosen = StockSetting(best["workers"], best["batch_size"])
-    rows = run_torchserve("stock", model, BENCH_BUILD / "stock-store" / chosen.name, cases, levels, duration, warmup)
+    rows = run_torchserve("stock", model, BENCH_BUILD / "stock-store" / chosen.name, cases, levels, duration, warmup,
+                          env=chosen.env)
     for row in rows:
-        row["setting"] = {"workers": chosen.workers, "batch_size": chosen.batch_size, "max_batch_delay": delay}
+        row["setting"] = {"workers": chosen.workers, "batch_size": chosen.batch_size, "max_batch_delay": delay,
+                          "threads": chosen.threads}
     return rows, {"level": level, "duration_s": sweep[0], "warmup_s": sweep[1], "settings": tried,
                   "best": chosen.name}
 

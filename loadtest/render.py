@@ -56,8 +56,9 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 
 def _setting(setting: dict[str, Any]) -> str:
-    workers = setting["workers"]
-    return f"{workers} worker{'' if workers == 1 else 's'} x batch {setting['batch_size']}"
+    workers, threads = setting["workers"], setting.get("threads")  # runs before threads were set recorded none
+    per_worker = f", {threads} torch thread{'' if threads == 1 else 's'} each" if threads else ""
+    return f"{workers} worker{'' if workers == 1 else 's'} x batch {setting['batch_size']}{per_worker}"
 
 
 def target_name(row: dict[str, Any]) -> str:
@@ -116,9 +117,9 @@ def stock_sweep_markdown(result: dict[str, Any]) -> list[str]:
         return []
     lines = ["", f"Stock handler settings tried at concurrency {sweep['level']} ({sweep['duration_s']:g} s each after "
              f"{sweep['warmup_s']:g} s of load); the fastest serves the stock rows above:", "",
-             "| workers x batch | correct req/s | P99 ms | success |", "|---|---:|---:|---:|"]
+             "| workers x batch (torch threads each) | correct req/s | P99 ms | success |", "|---|---:|---:|---:|"]
     for entry in sweep["settings"]:
-        name = f"{entry['workers']} x {entry['batch_size']}"
+        name = f"{entry['workers']} x {entry['batch_size']}" + (f" ({entry['threads']})" if "threads" in entry else "")
         mark = " (best)" if f"{entry['workers']}x{entry['batch_size']}" == sweep["best"] else ""
         if "error" in entry:
             lines.append(f"| {name} | does not run: {entry['error'].splitlines()[-1][:80]} | - | - |")
@@ -343,8 +344,9 @@ HTTP/1.1 connection each, `loadtest/http1.py`), each sending the next request wh
 over 32 real payloads whose every answer is checked against the archive's handler run in-process: only
 correct answers count towards throughput. Every server gets 10 s of load before it is measured (the JVM
 compiles TorchServe's hot paths over the first ~20 s of load). The stock handler is served at its best setting
-on the same machine: 1 or 2 workers x batch 1 or 8 are each tried at the highest concurrency, and the fastest is
-measured at every level beside tsforge, Flask and the in-process ceiling, in the same run. The server's CPU % and peak RSS are sampled
+on the same machine: 1 or 2 workers x batch 1 or 8, each worker given its share of the cores as torch threads
+(OMP_NUM_THREADS: the stock handlers set none, and two workers each taking every core fight over them), are each
+tried at the highest concurrency, and the fastest is measured at every level beside tsforge, Flask and the in-process ceiling, in the same run. The server's CPU % and peak RSS are sampled
 with psutil over its process tree (TorchServe's Java frontend and Python workers). The stage breakdown
 comes from TorchServe's own counters and gauges and from the tsforge
 handler's HandlerDecodeTime, HandlerInferenceTime, HandlerEncodeTime and HandlerBatchSize.

@@ -21,14 +21,15 @@ DEV_CONFIG = ROOT / "config" / "config.properties"
 @contextlib.contextmanager
 def torchserve(models: Sequence[str], *, store: Path = ROOT / "model_store", name: str = "default",
                config: Path = DEV_CONFIG, overrides: dict[str, str] | None = None,
-               timeout: float = 300.0) -> Iterator[TorchServe]:
-    """Start TorchServe with `models` (NAME or NAME=FILE.mar), wait until every worker is up, stop it after."""
+               timeout: float = 300.0, env: dict[str, str] | None = None) -> Iterator[TorchServe]:
+    """Start TorchServe with `models` (NAME or NAME=FILE.mar), wait until every worker is up, stop it after; `env`
+    is added to its environment (its workers inherit it)."""
     run_dir = RUN_ROOT / name
     shutil.rmtree(run_dir, ignore_errors=True)
     names = [m.split("=", 1)[0] for m in models]
     archives = [m if "=" in m else model_args([m])[0] for m in models]
     server = TorchServe(config=config, run_dir=run_dir, model_store=store, models=archives,
-                        overrides={**free_port_overrides(), **(overrides or {})})
+                        overrides={**free_port_overrides(), **(overrides or {})}, env=env or {})
     server.start()
     try:
         server.wait_ready(names, timeout=timeout)

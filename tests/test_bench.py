@@ -4,6 +4,7 @@ well-formed, small and renderable; the stock handler is measured at its best set
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,10 @@ def test_the_stock_handler_is_measured_at_its_best_setting(stock_reports: Path) 
     assert sweep["best"] == f"{best['workers']}x{best['batch_size']}"
     stock = [r for r in data["rows"] if r["target"] == "stock"]
     assert [r["level"] for r in stock] == [2] and stock[0]["success_rate"] == 1.0
+    threads = max(1, (os.cpu_count() or 1) // best["workers"])  # each stock worker its share of the cores
+    assert [s["threads"] for s in sweep["settings"]] == [os.cpu_count(), os.cpu_count()]
     assert stock[0]["setting"] == {"workers": best["workers"], "batch_size": best["batch_size"],
-                                   "max_batch_delay": data["model_config"]["maxBatchDelay"]}
+                                   "max_batch_delay": data["model_config"]["maxBatchDelay"], "threads": threads}
     rows = {r["target"]: r for r in data["rows"]}
     found = data["comparison"]
     assert found["level"] == 2 and found["stock_best"]["setting"] == stock[0]["setting"]
@@ -132,7 +135,8 @@ def test_the_stock_handler_is_measured_at_its_best_setting(stock_reports: Path) 
         assert found[f"p99_below_{key}"] == (rows["tsforge"]["latency_ms"]["p99"] < rows[target]["latency_ms"]["p99"])
     table = (stock_reports / "bench" / "resnet18" / "bench.md").read_text()
     plural = "" if best["workers"] == 1 else "s"
-    assert f"best setting ({best['workers']} worker{plural} x batch {best['batch_size']})" in table
+    each = f"{threads} torch thread{'' if threads == 1 else 's'} each"
+    assert f"best setting ({best['workers']} worker{plural} x batch {best['batch_size']}, {each})" in table
     assert "Stock handler settings tried at concurrency 2" in table
 
 
