@@ -72,10 +72,15 @@ def _checked(spec: ModelSpec, prepared: PreparedModel, reference: runtimes.Artef
             expected = prepared.module(*inputs).float()
             actual = runner(*inputs)
         diff = float((expected - actual).abs().max())
-        if not diff <= spec.tolerance * 10:
+        # Another runtime sums in another order, and its rounding grows with the outputs' size (logits of a few
+        # units differ by ~1e-4 between ONNX Runtime's and ATen's AVX2 kernels): the limit is relative to it.
+        scale = max(1.0, float(expected.abs().max()))
+        limit = spec.tolerance * 10 * scale
+        if not diff <= limit:  # also catches NaN
             raise ExportError(f"{spec.name}: the {name} export differs from eager by {diff:.3g} (max abs); the "
-                              f"limit is {spec.tolerance * 10:.0e}")
-        return {"parity_max_abs_diff": diff}
+                              f"limit is {limit:.3g} (10 x the model's tolerance {spec.tolerance:.0e}, times the "
+                              f"largest output magnitude {scale:.3g} when above 1)")
+        return {"parity_max_abs_diff": diff, "parity_limit": limit}
     if prepared.quality is None:
         return {"within_bound": False, "bound": "no quality check declared: never chosen by `auto`"}
     fp32 = runtimes.load(runtimes.Variant(), reference, cpu)

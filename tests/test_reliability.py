@@ -104,9 +104,17 @@ def cases() -> list[Case]:
     return prepared_cases("digits", STORE / "digits.mar", count=16)
 
 
+#: the reference's top probability above which no variant within the digits' bound was seen to change the label
+CONFIDENT = 0.99
+
+
 def label_only(cases: list[Case]) -> list[Case]:
-    """The cases judged by label alone: the fault archives run fp32, the references come from auto's choice."""
-    return [Case(c.name, c.body, c.content_type, {"label": c.expect["label"]}) for c in cases if "label" in c.expect]
+    """The cases judged by label alone, among those the reference is confident of: the servers here run fp32 (the
+    fault archives) or their own `auto` choice, the references come from the test process's choice, and variants
+    within the bound may still disagree on a doubtful input (a JPEG 9 at 0.76 was a 3 under ONNX Runtime int8 on an
+    AVX2-only CPU)."""
+    return [Case(c.name, c.body, c.content_type, {"label": c.expect["label"]}) for c in cases
+            if "label" in c.expect and c.expect.get("probability", 0.0) >= CONFIDENT]
 
 
 def workers(server: TorchServe, model: str) -> list[dict[str, Any]]:

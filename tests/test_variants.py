@@ -60,7 +60,9 @@ def test_fp32_exports_reproduce_eager_like_the_trace() -> None:
     for model in ("digits", "resnet18"):
         report = export_report(model)
         for name in ("onnx", "aotinductor"):
-            assert report["artefacts"][name]["parity_max_abs_diff"] <= report["tolerance"] * 10, (model, name)
+            entry = report["artefacts"][name]  # the limit scales with the outputs' magnitude (export/variants.py)
+            assert entry["parity_max_abs_diff"] <= entry["parity_limit"], (model, name)
+            assert entry["parity_limit"] >= report["tolerance"] * 10, (model, name)
         assert report["artefacts"]["aotinductor"]["cpu_flags"]  # what the compiled code needs, checked at load
 
 
@@ -113,15 +115,17 @@ def test_each_pinned_variant_serves_the_held_out_digits(server: TorchServe, vari
     described = selection(server, name)
     assert (described["backend"], described["precision"]) == (variant.backend, variant.precision)
     url = f"{server.url('inference')}/predictions/{name}"
+    # every held-out digit, the set the worker checked: agreement on a part of it is a sample of the verdict, not
+    # the verdict (2 of the first 120 differed under ONNX Runtime int8 on an AVX2-only CPU, 3 of 360 passing 0.99)
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda x: requests.post(url, data=png_bytes(x), timeout=60), x_test[:120]))
-    assert [a.status_code for a in answers] == [200] * 120
+        answers = list(pool.map(lambda x: requests.post(url, data=png_bytes(x), timeout=60), x_test))
+    assert [a.status_code for a in answers] == [200] * len(x_test)
     served = np.array([int(a.json()["label"]) for a in answers])
     with torch.inference_mode():
-        fp32 = torch.jit.load(str(BUILD / "digits" / "digits.pt"))(digits.to_tensor(x_test[:120])).argmax(1).numpy()
+        fp32 = torch.jit.load(str(BUILD / "digits" / "digits.pt"))(digits.to_tensor(x_test)).argmax(1).numpy()
     checked = described.get("accuracy")  # this worker's held-out verdict on this machine (None: fp32 itself)
     if checked is not None and not checked["within_bound"]:
         assert described["below_bound"] is True  # served only because the config accepts it, and flagged
         pytest.skip(f"{variant.name} is below its bound on this CPU ({checked['value']}): flagged, as it must be")
     assert (served == fp32).mean() >= digits.MIN_TOP1_AGREEMENT
-    assert (served == y_test[:120]).mean() >= 0.95
+    assert (served == y_test).mean() >= 0.95
