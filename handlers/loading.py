@@ -138,7 +138,8 @@ class VariantLoading:
         started = time.perf_counter()
         deadline = started + self.settings.budget_s
         reference = load(autoselect.REFERENCE)
-        check = self.accuracy_check(reference)
+        heldout = accuracy.HeldOut.read(self.model_dir, self.settings.accuracy_bound)  # read once for both uses
+        check = self.accuracy_check(reference, heldout)
         inputs = self.sample_inputs()
         if len(variants) == 1:
             runner = reference if variants[0] == autoselect.REFERENCE else load(variants[0])
@@ -150,7 +151,7 @@ class VariantLoading:
             choice.reason = "no example inputs in the archive to time on; " + choice.reason
         else:
             trials = autoselect.run_trials(variants, load, inputs, self.discrepancy, reference, deadline=deadline)
-            over = self._check_over_budget(trials[0], len(inputs[0]), deadline)
+            over = self._check_over_budget(trials[0], len(inputs[0]), deadline, heldout)
             if over:
                 choice = autoselect.Choice(autoselect.REFERENCE, True, over, trials)
             else:
@@ -159,10 +160,10 @@ class VariantLoading:
         log.info("chose %s in %.2fs", choice.variant.name, time.perf_counter() - started)
         return choice, served
 
-    def _check_over_budget(self, reference: autoselect.Trial, timed_items: int, deadline: float) -> str | None:
+    def _check_over_budget(self, reference: autoselect.Trial, timed_items: int, deadline: float,
+                           heldout: accuracy.HeldOut | None) -> str | None:
         """Why the held-out check is not started (reference and candidate on every held-out input, at the pace
         of the first variant timed, would end after `deadline`), or None."""
-        heldout = accuracy.HeldOut.read(self.model_dir)
         if heldout is None or reference.seconds is None:
             return None
         needed = 2 * len(heldout.inputs) * reference.seconds / max(1, timed_items)
@@ -172,10 +173,12 @@ class VariantLoading:
                 f"held-out inputs would take about {needed:.0f} s, past handler.selection_budget_s "
                 f"({self.settings.budget_s:g} s; raise it, and the model's startupTimeout, to measure them)")
 
-    def accuracy_check(self, reference: runtimes.Runner) -> autoselect.Check | None:
+    def accuracy_check(self, reference: runtimes.Runner,
+                       heldout: accuracy.HeldOut | None = None) -> autoselect.Check | None:
         """The held-out check of a runner: the archive's `heldout.json` inputs through this handler's own
         decode, batching and `infer`, compared with fp32 TorchScript's answers (computed once)."""
-        heldout = accuracy.HeldOut.read(self.model_dir, self.settings.accuracy_bound)
+        if heldout is None:  # called on its own (tests), not from `_decide`
+            heldout = accuracy.HeldOut.read(self.model_dir, self.settings.accuracy_bound)
         if heldout is None:
             return None
         batches = self._heldout_batches(heldout.inputs)

@@ -31,8 +31,13 @@ def worker_threads(config: Mapping[str, Any], model_config: Mapping[str, Any] | 
     if threads is None:
         return default_threads(workers)
     if threads == ALL_CORES:
-        return max(1, (os.cpu_count() or 1) // workers)
+        return cores_per_worker(workers)
     return int(threads)
+
+
+def cores_per_worker(workers: int) -> int:
+    """Every core of this machine shared among `workers` (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def device_overrides(model_config: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:

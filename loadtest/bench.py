@@ -40,6 +40,7 @@ import requests
 import yaml
 
 from export.registry import get
+from handlers.placement import cores_per_worker
 from loadtest import matrix, report
 from loadtest.inprocess import PLAIN_FP32, ceiling, prepared_cases, unpack
 from loadtest.loadgen import load
@@ -84,7 +85,7 @@ class StockSetting:
         """Torch threads per worker. The stock handlers set none, so each worker would take every core and several
         workers would fight over them (OpenMP's waiting threads spin); a user running more than one sets
         OMP_NUM_THREADS, as TorchServe's performance guide says."""
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return cores_per_worker(self.workers)
 
     @property
     def env(self) -> dict[str, str]:
