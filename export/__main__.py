@@ -1,5 +1,5 @@
 """python -m export NAME [NAME ...] --out-dir build [--variants quick]: export declared models to TorchScript,
-with the variants asked for (tsforge/packaging/wanted.py: quick, the default, is every declared one but AOTInductor)."""
+with the variants asked for (export/wanted.py: quick, the default, is every declared one but AOTInductor)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from export import wanted
 from export.exporter import export_model
 from export.registry import MODELS, get
 from export.spec import ExportError
-from tsforge.packaging import wanted
 
 
 def main(argv: list[str] | None = None) -> int:

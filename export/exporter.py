@@ -76,7 +76,7 @@ def follow_input_device(traced: torch.jit.ScriptModule) -> int:
 def export_model(spec: ModelSpec, out_dir: Path, prepared: PreparedModel | None = None,
                  variants: tuple[str, ...] | None = None) -> ExportReport:
     """Export `spec` into `out_dir`: `<name>.pt`, `export.json`, when labelled `index_to_name.json`, and `variants`
-    (default: every one the declaration lists; tsforge/packaging/wanted.py picks them for `tsforge export`).
+    (default: every one the declaration lists; export/wanted.py picks them for `tsforge export`).
 
     Raises ExportError, and writes nothing, when eager and traced outputs differ by more than
     `spec.tolerance` on the held-out inputs.

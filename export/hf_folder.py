@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from export.failures import NewError, short_message
 from export.models.minilm import HELDOUT_SENTENCES
 from export.spec import ModelSpec, PreparedModel
 from tsforge import extras
@@ -46,8 +47,6 @@ FOLDERS: dict[str, Path] = {}
 
 
 def _error(message: str) -> Exception:
-    from export.sources import NewError  # here: sources imports this module lazily, for the folder kind
-
     return NewError(message)
 
 
@@ -101,8 +100,6 @@ def load_classifier(folder: Path) -> LogitsOnly:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True, attn_implementation="eager")
     except Exception as exc:
-        from export.sources import short_message
-
         raise _error(f"transformers cannot load {folder} as a sequence classifier ({type(exc).__name__}: "
                      f"{short_message(exc)}); expected {EXPECTED}") from exc
     return LogitsOnly(model).eval()
@@ -249,8 +246,6 @@ def new_files(name: str, module: nn.Module, source: Any, root: Path, labels: str
     names = labels_of(config)
     setup = settings(folder, config)
     inputs = encode_texts(tokenizer_of(folder), EXAMPLES, setup)
-    from export.sources import short_message
-
     try:
         with torch.inference_mode():
             logits = module(*inputs)

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.failures import NewError, existing_file, run_once, short_message
+from export.hf_folder import load_classifier
 from export.hf_folder import text_classification as text_classification  # what declarations import
 from export.models import resnet
 from export.spec import ModelSpec, PreparedModel
@@ -34,10 +36,6 @@ TENSOR_HELDOUT = 64
 DTYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
           "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
 IMAGE_INPUT = "a [N, 3, 224, 224] float batch (ImageNet-normalised photos)"
-
-
-class NewError(Exception):
-    """Bad input to `tsforge new` (or to a declaration it wrote): one line, exit 2."""
 
 
 # ---- sources: what the declarations call at export time ----
@@ -87,8 +85,6 @@ class Source:
                 raise NewError(f"{path} is not a TorchScript file (expected what torch.jit.save writes; a state dict "
                                f"goes with --weights): {short_message(exc)}") from exc
         elif kind == "hf-folder":
-            from export.hf_folder import load_classifier  # here: it imports transformers, and this module
-
             module = load_classifier(root / self.spec)
         else:
             path = existing_file(root, self.spec, "torch.export program")
@@ -116,18 +112,6 @@ class ExportedProgram(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         return self.program(*inputs)
-
-
-def short_message(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def existing_file(root: Path, name: str, what: str) -> Path:
-    path = root / name
-    if not path.is_file():
-        raise NewError(f"{what} {path} does not exist")
-    return path
 
 
 def _torchvision(name: str, options: dict[str, Any]) -> torch.nn.Module:
@@ -226,15 +210,6 @@ def class_labels(source: Source, classes: int, labels: list[str] | None) -> list
     if source.kind == "torchvision" and classes == 1000:
         return resnet.imagenet_labels()
     return [str(i) for i in range(classes)]
-
-
-def run_once(module: torch.nn.Module, batch: torch.Tensor, expected: str) -> Any:
-    """The model's output on one example batch; a failure is one NewError naming what the task expects."""
-    try:
-        with torch.inference_mode():
-            return module(batch)
-    except Exception as exc:
-        raise NewError(f"{expected}; it failed on one: {type(exc).__name__}: {short_message(exc)}") from exc
 
 
 def classes_of(module: torch.nn.Module, image: torch.Tensor) -> int:

@@ -24,11 +24,9 @@ from typing import Any
 import torch
 
 from export.spec import ExportError, ModelSpec, PreparedModel
+from export.wanted import VARIANT_NAMES as VARIANT_NAMES  # one list of names, stdlib-readable for the Makefile
 from handlers import runtimes
 from tsforge import extras
-from tsforge.packaging.wanted import (
-    VARIANT_NAMES as VARIANT_NAMES,  # one list of names, stdlib-readable for the Makefile
-)
 
 log = logging.getLogger(__name__)
 #: the (backend, precision) each export is served as

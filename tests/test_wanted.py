@@ -1,6 +1,5 @@
-"""Which variants a build makes (tsforge/packaging/wanted.py, make's VARIANTS): the default leaves AOTInductor out, a "
-"request
-for more redoes the export with the union, one for less redoes nothing."""
+"""Which variants a build makes (export/wanted.py; make's VARIANTS through tsforge/packaging/wanted.py): the default
+leaves AOTInductor out, a request for more redoes the export with the union, one for less redoes nothing."""
 
 from __future__ import annotations
 
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tsforge.packaging import wanted
-from tsforge.packaging.wanted import RequestError, expand, record, resolve
+from export import wanted
+from export.wanted import RequestError, expand, record, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 DECLARED = ("int8", "onnx", "onnx-int8", "aotinductor")

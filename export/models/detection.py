@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from export.failures import NewError, run_once, short_message
 from export.models import resnet
 from export.spec import ModelSpec, PreparedModel
 from handlers.detection import detections_of
@@ -111,8 +112,6 @@ def detector_labels(model: torch.nn.Module, coco: bool, given: list[str] | None)
     classes = class_count(model)
     if given is not None:
         if classes is not None and len(given) != classes:
-            from export.sources import NewError
-
             raise NewError(f"the labels file has {len(given)} labels; the detector scores {classes} classes")
         return given
     if coco and classes in (None, len(coco_labels())):
@@ -252,8 +251,6 @@ def new_files(name: str, module: torch.nn.Module, coco: bool, labels: list[str] 
               photos: dict[str, bytes], examples: Path) -> tuple[str, dict[Path, bytes]]:
     """object-detection for `tsforge new`: the model checked on an example photo (its output, labels, and that
     torch.jit.script compiles it), its config and the example photos for `examples` (examples/NAME/)."""
-    from export.sources import NewError, run_once, short_message
-
     if variants:
         raise NewError("object-detection exports scripted fp32 TorchScript only; expected no --variants (or none)")
     sizes = Sizes.of(module)

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from export.failures import NewError, existing_file, short_message
 from export.models import resnet
 from export.sources import (
     DTYPES,
@@ -61,15 +62,12 @@ from export.sources import (
     PHOTO_SUFFIXES,
     SEED,
     TENSOR_EXAMPLES,
-    NewError,
     Source,
     class_labels,
     classes_of,
-    existing_file,
     random_arrays,
     read_labels,
     run_tensor,
-    short_message,
 )
 from tsforge.extras import MissingExtra
 from tsforge.project import ROOT
