@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 def default_threads(workers: int) -> int:
     """Torch threads per worker when the config names none: the cores, less one for TorchServe's frontend,
-    shared among the workers. Measured on 2 cores: 2 threads in the one worker cut throughput 2-10x
-    against 1, because the worker's threads fight the frontend's."""
+    shared among the workers: a worker that takes every core serves less, because its threads fight the
+    frontend's (the measurements: docs/benchmarks-previous.md)."""
     return max(1, ((os.cpu_count() or 1) - 1) // max(1, workers))
 
 

@@ -101,8 +101,8 @@ def compile_for_serving(model: torch.jit.ScriptModule, dtype: torch.dtype, chann
     conv), after which `.to(dtype)` or `.to(memory_format=...)` no longer reach them, so the order matters.
 
     On CUDA the frozen program also goes through `optimize_for_inference`, which fuses convolution + add +
-    ReLU into single cuDNN calls: ResNet-50 fp16 on an H200 went from 12,600 to 19,700 img/s at batch 32
-    (26,600 at 256, as fast as `torch.compile`, in 0.1 s instead of a compile). On a CPU it would convert to
+    ReLU into single cuDNN calls: as fast as `torch.compile` without a compile at worker start (the figures:
+    docs/benchmarks-gpu.md, docs/data/gpu-resnet50.json). On a CPU it would convert to
     MKL-DNN layouts instead, which the oneDNN fusion switch and int8 already cover, so it is not applied there."""
     model = model.eval().to(dtype)
     if channels_last:

@@ -30,7 +30,9 @@ try:
 except ImportError as exc:
     raise extras.missing(exc, "loadtest", PURPOSE, "flask") from None
 
-NAIVE = {"precision": "fp32", "channels_last": False, "onednn_fusion": False}
+#: plain fp32 TorchScript, pinned: no variant is measured or picked at load (handlers/autoselect.py), no oneDNN
+#: fusion, the default memory format
+NAIVE = {"backend": "torchscript", "precision": "fp32", "onednn_fusion": False, "channels_last": False}
 
 
 def create_app(local: LocalHandler) -> Flask:

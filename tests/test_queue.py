@@ -9,6 +9,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -36,9 +37,8 @@ def test_torchserve_words_for_a_full_queue_become_a_message_naming_it(monkeypatc
     v2 = json.loads(jobqueue.queue_full_body("/v2/models/digits/infer", v2=True))
     assert v2 == {"error": jobqueue.queue_full_message("digits", 2048)}
     assert jobqueue.model_of("/v1/models/resnet18:predict") == "resnet18"
-    assert jobqueue.explain("digits", 400, "bad image") == "bad image"
     monkeypatch.delenv(jobqueue.SIZE_ENV)
-    assert jobqueue.queue_size() == jobqueue.TORCHSERVE_DEFAULT_SIZE
+    assert jobqueue.queue_size() == jobqueue.JOB_QUEUE_SIZE
     assert jobqueue.queue_size({"job_queue_size": "9"}) == 9
 
 
@@ -105,7 +105,7 @@ def test_a_full_queue_is_named_by_the_front_and_the_queue_status(tiny: tuple[Tor
 def test_the_shipped_profile_answers_a_burst_of_1024_without_a_503(start_server: StartServer) -> None:
     built_archive("digits")
     server = start_server(["digits"], store=STORE)
-    assert server.props["job_queue_size"] == str(2 * BURST)  # config/config.properties, as shipped
+    assert server.props["job_queue_size"] == str(2 * BURST)  # tsforge.serving.jobqueue.JOB_QUEUE_SIZE, as shipped
     started = time.monotonic()
     answers = asyncio.run(burst(f"{server.url('inference')}/predictions/digits", digit_png(), "image/png", BURST))
     took = time.monotonic() - started
@@ -116,8 +116,7 @@ def test_the_shipped_profile_answers_a_burst_of_1024_without_a_503(start_server:
     server.stop()
 
 
-def test_prod_profile_ships_the_same_queue() -> None:
-    from tsforge.serving.server import read_properties
-
+def test_prod_profile_ships_the_same_queue(tmp_path: Path) -> None:
     for profile in ("config.properties", "prod.properties"):
-        assert int(read_properties(ROOT / "config" / profile)["job_queue_size"]) >= BURST
+        server = TorchServe(config=ROOT / "config" / profile, run_dir=tmp_path / profile)
+        assert int(server.props["job_queue_size"]) >= BURST  # the one size (tests/test_configs.py: all agree)

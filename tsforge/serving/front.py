@@ -11,9 +11,11 @@ inference to TorchServe's REST v2 endpoint and describes its tensors from the `v
 model-config.yaml. A REST infer in JSON skips KServe's decoding and goes to TorchServe as it came
 (tsforge/serving/front_rest.py), and so do v1 predict, `/predictions/M` and `/ping`. Form bodies of more than
 `--max-form-fields` fields are refused before TorchServe's decoder sees them (tsforge/serving/front_guard.py). Both
-ports
-listen on 127.0.0.1 (`--host`; KServe binds every interface; `tsforge pod` puts the front on the pod's network and
-TorchServe on loopback); with `--key-file` (TorchServe's token file) every call but liveness must carry
+ports listen on `--host`, 127.0.0.1 unless told otherwise (KServe's own servers bind every interface; `tsforge pod`
+names 0.0.0.0, the pod's network, and keeps TorchServe on loopback). A request TorchServe refuses because the model's
+job queue is full reads the same on every path: `{"error": ...}` with 503 over REST (JSON or the binary extension),
+UNAVAILABLE over gRPC, with tsforge/serving/jobqueue.py's words instead of TorchServe's "has no worker". With
+`--key-file` (TorchServe's token file) every call but liveness must carry
 TorchServe's inference key as a Bearer token, on REST and gRPC, and the token goes on to TorchServe.
 """
 
@@ -48,7 +50,9 @@ try:  # the `front` extra: without it, one line naming the extra (tsforge/extras
     from kserve.protocol.grpc.servicer import InferenceServicer
     from kserve.protocol.infer_type import InferRequest, InferResponse
     from kserve.protocol.rest.server import RESTServer
+    from starlette.responses import JSONResponse
 
+    from tsforge.serving import jobqueue
     from tsforge.serving.front_guard import MAX_FORM_FIELDS, FormFieldLimit
     from tsforge.serving.front_rest import (
         MAX_REQUEST_SIZE,
@@ -109,6 +113,23 @@ def torchserve_body(request: InferRequest) -> dict[str, Any]:
     return body
 
 
+class TorchServeError(InferenceError):  # type: ignore[misc]
+    """TorchServe answered an inference with a server error (`status`): KServe's REST app answers it with that status
+    and `{"error": message}`. (KServe's InferenceError takes its status as text and prefixes the message with it.)"""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.http_status = status
+
+
+class QueueFull(TorchServeError):
+    """TorchServe refused the request at once because the model's job queue is full: 503 over REST, UNAVAILABLE over
+    gRPC, in jobqueue.py's words (TorchServe's own send the reader after workers)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(jobqueue.queue_full_message(model, jobqueue.queue_size()), 503)
+
+
 class TorchServeModel(Model):  # type: ignore[misc]
     """One archive served by TorchServe, as KServe's model server sees it."""
 
@@ -131,9 +152,11 @@ class TorchServeModel(Model):  # type: ignore[misc]
                                                   (headers or {}).get("authorization"))
         if status != 200:
             message = error_message(answer) or f"TorchServe answered {status}"
+            if jobqueue.is_queue_full(status, message):
+                raise QueueFull(self.name)
             if 400 <= status < 500:
                 raise InvalidInput(message)
-            raise InferenceError(message, status=status)
+            raise TorchServeError(message, status)
         answer_ = InferResponse.from_rest(orjson.loads(answer))
         # a gRPC client that sent raw contents reads raw contents back (tritonclient reads nothing else)
         return InferResponse(response_id=answer_.id, model_name=answer_.model_name, model_version=answer_.model_version,
@@ -159,9 +182,20 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-class LoopbackGRPCServer(GRPCServer):  # type: ignore[misc]
-    """KServe's gRPC server on 127.0.0.1 or the given host (it binds [::]), with the token check first when a key
-    is set."""
+class FrontExceptionToStatus(ExceptionToStatusInterceptor):  # type: ignore[misc]
+    """KServe's mapping of exceptions to gRPC status codes, but a full job queue is UNAVAILABLE (retry later), not
+    INVALID_ARGUMENT, with the same words as over REST."""
+
+    async def handle_exception(self, ex: Exception, request_or_iterator: Any, context: grpc.aio.ServicerContext,
+                               method_name: str) -> None:
+        if isinstance(ex, QueueFull):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, ex.reason)
+        await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+class FrontGRPCServer(GRPCServer):  # type: ignore[misc]
+    """KServe's gRPC server on `host` only, 127.0.0.1 unless the caller names another (KServe's binds [::]), with
+    the token check first when a key is set."""
 
     def __init__(self, *args: Any, key: InferenceKey | None, host: str = HOST, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -169,7 +203,7 @@ class LoopbackGRPCServer(GRPCServer):  # type: ignore[misc]
         self.host = host
 
     async def start(self, max_workers: int) -> None:
-        interceptors = [*([TokenInterceptor(self.key)] if self.key else []), ExceptionToStatusInterceptor()]
+        interceptors = [*([TokenInterceptor(self.key)] if self.key else []), FrontExceptionToStatus()]
         self._server = grpc.aio.server(interceptors=interceptors)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
@@ -185,6 +219,15 @@ class QuietRESTServer(RESTServer):  # type: ignore[misc]
     def _add_middlewares(self, app: Any) -> None:
         pass
 
+    def _add_exception_handlers(self, app: Any) -> None:
+        super()._add_exception_handlers(app)
+        app.add_exception_handler(TorchServeError, torchserve_error)
+
+
+async def torchserve_error(_: Any, exc: TorchServeError) -> JSONResponse:
+    """TorchServe's status and message (a full queue: 503 and jobqueue.py's words) in KServe's `{"error"}` form."""
+    return JSONResponse(status_code=exc.http_status, content={"error": exc.reason})
+
 
 def _client_errors(decode: Callable[..., Any]) -> Callable[..., Any]:
     """KServe answers a REST body it cannot decode (e.g. BYTES that are not UTF-8) with a 500; it is the
@@ -199,9 +242,9 @@ def _client_errors(decode: Callable[..., Any]) -> Callable[..., Any]:
     return decode_or_invalid
 
 
-class LoopbackModelServer(ModelServer):  # type: ignore[misc]
-    """KServe's ModelServer (one process) with both ports on 127.0.0.1 (or `host`) and the token rules of the
-    profile.
+class FrontModelServer(ModelServer):  # type: ignore[misc]
+    """KServe's ModelServer (one process) with both ports on `host` only, 127.0.0.1 unless the caller names another
+    (`tsforge pod`: 0.0.0.0), and the token rules of the profile.
 
     REST goes through wrappers before KServe's app: the token check, the body's size, a form body's field count,
     then inference straight to TorchServe. Nothing is logged per request (TorchServe's access log has every request
@@ -232,9 +275,9 @@ class LoopbackModelServer(ModelServer):  # type: ignore[misc]
         access = logging.getLogger("uvicorn.access")  # uvicorn logs a request only when this logger has a handler
         access.handlers, access.propagate = [], False
         self.servers.append(self._rest_server.start())
-        self._grpc_server = LoopbackGRPCServer(self.grpc_port, self.dataplane, self.model_repository_extension,
-                                               kwargs={}, grace_period=self.grace_period, key=self.key,
-                                               host=self.host)
+        self._grpc_server = FrontGRPCServer(self.grpc_port, self.dataplane, self.model_repository_extension,
+                                            kwargs={}, grace_period=self.grace_period, key=self.key,
+                                            host=self.host)
         self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
         self.register_signal_handler()
@@ -254,16 +297,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest request body in bytes (TorchServe's max_request_size)")
     parser.add_argument("--max-form-fields", type=int, default=MAX_FORM_FIELDS,
                         help="most fields of a form body (urlencoded or multipart) passed on to TorchServe")
-    parser.add_argument("--host", default=HOST, help="the address both ports listen on")
+    parser.add_argument("--host", default=HOST, help="the only address both ports listen on (default: loopback)")
     parser.add_argument("--metrics-url", help="TorchServe's metrics address: GET /metrics answers its metrics")
     args = parser.parse_args(argv)
     key = InferenceKey(args.key_file) if args.key_file else None
     upstream = Upstream(args.inference_url, metrics_url=args.metrics_url)
     models = [TorchServeModel(name, upstream, signature(args.model_store / f"{name}.mar"))
               for name in args.models.split(",") if name]
-    LoopbackModelServer(key=key, upstream=upstream, max_request_size=args.max_request_size,
-                        max_form_fields=args.max_form_fields, host=args.host, http_port=args.http_port,
-                        grpc_port=args.grpc_port, enable_grpc=True, workers=1).start(models)
+    FrontModelServer(key=key, upstream=upstream, max_request_size=args.max_request_size,
+                     max_form_fields=args.max_form_fields, host=args.host, http_port=args.http_port,
+                     grpc_port=args.grpc_port, enable_grpc=True, workers=1).start(models)
     return 0
 
 

@@ -1,11 +1,12 @@
 """The v2 front's REST side in front of KServe's app: the token rule, and inference passed straight to TorchServe.
 
 TorchServe already answers `POST /v2/models/M/infer` in the protocol's JSON form. Parsing that body into KServe's
-types and back (pydantic, numpy, base64, JSON again) cost the front about 4.5 ms of CPU a request, a third of
-ResNet-18's throughput on two cores. So a JSON infer for a served model goes to TorchServe as it came, and the
-answer comes back as TorchServe gave it; errors are rewritten to KServe's `{"error": message}` form. Everything
-else (health, metadata, ready, and infer in the binary tensor extension, which TorchServe cannot read) goes on to
-KServe's app. Both wrappers are plain ASGI: Starlette's BaseHTTPMiddleware costs a task per request.
+types and back (pydantic, numpy, base64, JSON again) cost the front CPU time on every request, which a small model's
+throughput pays for (docs/benchmarks.md, the front's cost; docs/data/front-cost.json). So a JSON infer for a served
+model goes to TorchServe as it came, and the answer comes back as TorchServe gave it; errors are rewritten to
+KServe's `{"error": message}` form. Everything else (health, metadata, ready, and infer in the binary tensor
+extension, which TorchServe cannot read) goes on to KServe's app. Both wrappers are plain ASGI: Starlette's
+BaseHTTPMiddleware costs a task per request.
 
 What a client of a KServe pod sends besides v2 goes to TorchServe as it came too, TorchServe's answer unchanged:
 KServe v1 `POST /v1/models/M:predict` and TorchServe's `POST /predictions/M[/VERSION]` (any body: raw images,
@@ -47,7 +48,7 @@ BINARY_HEADER = b"inference-header-content-length"
 #: TorchServe's default max_request_size (bytes)
 MAX_REQUEST_SIZE = 6_553_500
 #: how long a refused body (too large, too many form fields) waits for its 413. Refusing is cheap, but the rest of
-#: a 6 MB body still crosses the socket (about 2 ms of the front's one core), and a client that sends such bodies
+#: a 6 MB body still crosses the socket (CPU time of the front's one core), and a client that sends such bodies
 #: back to back would take as much of the front as it likes; meanwhile the front reads nothing more from that
 #: connection (uvicorn pauses reading past 64 KiB), so waiting costs no CPU and holds each such connection to one
 #: refused body a second
