@@ -64,12 +64,19 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def container_command(bundle: Path) -> list[str]:
-    """The ServingRuntimes' container command + args; the CPU and GPU runtimes run the same one."""
+def container_commands(bundle: Path) -> list[list[str]]:
+    """The ServingRuntimes' container commands + args: the CPU and GPU runtimes' differ only in --device."""
     runtimes = [d for d in yaml.safe_load_all((bundle / "manifests" / "servingruntimes.yaml").read_text()) if d]
     commands = [[*c["command"], *c["args"]] for r in runtimes for c in r["spec"]["containers"]]
-    assert len(commands) == 2 and commands[0] == commands[1], commands
-    return commands[0]
+    devices = [c[c.index("--device") + 1] for c in commands]
+    assert sorted(devices) == ["cpu", "gpu"], commands
+    assert commands[0] == [devices[0] if arg == devices[1] else arg for arg in commands[1]], commands
+    return commands
+
+
+def container_command(bundle: Path) -> list[str]:
+    """The CPU runtime's command (the GPU runtime's is run with fake GPUs in tests/test_gpus.py)."""
+    return next(c for c in container_commands(bundle) if c[c.index("--device") + 1] == "cpu")
 
 
 def localized(command: list[str], mount: Path, http_port: int, grpc_port: int) -> list[str]:
@@ -95,15 +102,15 @@ def wait_serving(process: subprocess.Popen[bytes], log: Path) -> Path:
     pytest.fail(f"the pod's command did not serve within {START_S:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def start_pod(bundle: Path, tmp: Path) -> Pod:
+def start_pod(bundle: Path, tmp: Path, command: list[str] | None = None) -> Pod:
     mount = tmp / "mnt" / "models"
     shutil.copytree(bundle / "storage" / MODEL, mount)
     http_port, grpc_port = free_ports(2)
     log = tmp / "pod.log"
     with log.open("wb") as out:
         # TMPDIR: the pod's run dir (a temp dir by default) lands in pytest's tmp, not in /tmp for good
-        process = subprocess.Popen(localized(container_command(bundle), mount, http_port, grpc_port), cwd=ROOT,
-                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        argv = localized(command or container_command(bundle), mount, http_port, grpc_port)
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
     try:
         run_dir = wait_serving(process, log)
@@ -160,6 +167,7 @@ def test_both_runtimes_run_tsforge_pod_on_the_mount_and_kserves_ports(bundle: Pa
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == "8080"
 
 
+@pytest.mark.integration
 def test_torchserve_listens_on_loopback_only_and_the_front_on_the_pods_ports(pod: Pod) -> None:
     root = psutil.Process(pod.process.pid)
     java: list[Any] = []
@@ -174,6 +182,7 @@ def test_torchserve_listens_on_loopback_only_and_the_front_on_the_pods_ports(pod
     assert {a.ip for a in others} <= {"0.0.0.0", "::"}, others  # the pod's network: every interface
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
 def test_tritonclient_health_metadata_infer_and_bad_input(pod: Pod, protocol: str) -> None:
     client: Any = triton_http.InferenceServerClient(pod.rest) if protocol == "rest" else \
@@ -200,6 +209,7 @@ def test_tritonclient_health_metadata_infer_and_bad_input(pod: Pod, protocol: st
     assert "image" in str(caught.value.message())
 
 
+@pytest.mark.integration
 def test_bad_input_over_rest_is_a_json_4xx_naming_the_cause(pod: Pod) -> None:
     body = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["bm90IGFuIGltYWdl"]}]}
     answer = requests.post(f"http://{pod.rest}/v2/models/{MODEL}/infer", json=body, timeout=60)
@@ -208,6 +218,7 @@ def test_bad_input_over_rest_is_a_json_4xx_naming_the_cause(pod: Pod) -> None:
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
 
 
+@pytest.mark.integration
 def test_the_kserve_package_clients(pod: Pod) -> None:
     run = subprocess.run([sys.executable, "-c", KSERVE_CLIENTS, f"http://{pod.rest}", pod.grpc, MODEL],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -220,6 +231,7 @@ def test_the_kserve_package_clients(pod: Pod) -> None:
         agrees(MODEL, {n: np.array(v) for n, v in found["models"][MODEL][protocol].items()}, expected)
 
 
+@pytest.mark.integration
 def test_v1_predict_predictions_and_ping_reach_torchserve(pod: Pod) -> None:
     _, _, array = inputs_for(MODEL)
     torchserve = pod.torchserve.url("inference")
@@ -243,6 +255,7 @@ def test_v1_predict_predictions_and_ping_reach_torchserve(pod: Pod) -> None:
     assert "ts_inference_requests_total" in requests.get(f"http://{pod.rest}/metrics", timeout=10).text
 
 
+@pytest.mark.integration
 def test_form_floods_and_oversize_bodies_are_refused_at_the_front(pod: Pod) -> None:
     url = f"http://{pod.rest}/predictions/{MODEL}"
     flood = b"&".join([b"abcd=ef"] * 800_000)  # 6.4 MB of tiny fields: about 12 s of TorchServe's decoder
@@ -264,6 +277,7 @@ def test_form_floods_and_oversize_bodies_are_refused_at_the_front(pod: Pod) -> N
     assert requests.get(f"http://{pod.rest}/v2/models/{MODEL}/ready", timeout=10).status_code == 200
 
 
+@pytest.mark.integration
 def test_sigterm_stops_torchserve_and_the_front(pod: Pod) -> None:
     tree = [pod.process.pid, *(p.pid for p in psutil.Process(pod.process.pid).children(recursive=True))]
     assert len(tree) >= 4  # the command, TorchServe's launcher and frontend, a worker, the front
@@ -272,6 +286,7 @@ def test_sigterm_stops_torchserve_and_the_front(pod: Pod) -> None:
     assert not [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
 
+@pytest.mark.integration
 def test_when_torchserve_dies_the_pod_exits_1_and_takes_the_front(bundle: Path, tmp_path: Path) -> None:
     pod = start_pod(bundle, tmp_path)
     try:

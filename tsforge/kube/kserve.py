@@ -5,7 +5,10 @@
 
 Layout (one storage root per model, so each model scales on its own):
 
-    OUT/storage/NAME/config/config.properties   TorchServe's configuration as KServe's TorchServe layout wants it
+    OUT/storage/NAME/config/config.properties   TorchServe's configuration as KServe's TorchServe layout wants it,
+                                                with the archive's CPU settings: the CPU runtime's
+    OUT/storage/NAME/config/config-gpu.properties  the same with the archive's `gpu:` settings: the GPU runtime's
+                                                (`tsforge pod --device gpu`), whatever host packaged the archive
     OUT/storage/NAME/config/metrics.yaml        the project's metrics configuration
     OUT/storage/NAME/model-store/NAME.mar       the archive (hard-linked from the store where possible)
     OUT/manifests/storage.yaml                  with a pvc:// storage URI: the claim and a pod to copy into it
@@ -34,6 +37,7 @@ import yaml
 
 from tsforge.kube import capacity
 from tsforge.project import ROOT, project_version
+from tsforge.serving import gpus, jobqueue
 
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storage URI's contents
 HTTP_PORT = 8080  # the front's REST port: KServe's and Knative's convention
@@ -43,6 +47,9 @@ POD_COMMAND = ["python", "-m", "tsforge", "pod"]
 MAX_FORM_FIELDS = 1000  # tsforge/serving/front_guard.py's default, written out so an operator sees and can change it
 PROTOCOLS = ("v1", "v2")
 DEVICES = ("cpu", "gpu")
+#: each runtime's TorchServe configuration under the storage root's config/: KServe's TorchServe layout names the
+#: first; `tsforge pod --device DEVICE` reads its own
+CONFIG_FILES = {"cpu": "config.properties", "gpu": "config-gpu.properties"}
 LOADER_IMAGE = "busybox:1.36.1"
 GPU_EXTRA_MEMORY_MIB = 2048  # CUDA context and pinned buffers; not measured here
 
@@ -54,13 +61,22 @@ class Archive:
     version: str
     config: dict[str, Any]
 
+    def settings(self, device: str = "cpu") -> dict[str, Any]:
+        """model-config.yaml as it applies on `device`, whatever host packaged the archive (gpus.device_settings)."""
+        return gpus.device_settings(self.config, device)
+
+    def workers_on(self, device: str) -> int:
+        c = self.settings(device)
+        return int(c.get("maxWorkers", c.get("minWorkers", 1)))
+
     @property
     def workers(self) -> int:
-        return int(self.config.get("maxWorkers", self.config.get("minWorkers", 1)))
+        """CPU workers: what the measured figures and the sizing fallback are for."""
+        return self.workers_on("cpu")
 
     @property
     def batch_size(self) -> int:
-        return int(self.config.get("batchSize", 1))
+        return int(self.settings("cpu").get("batchSize", 1))
 
 
 def read_archive(path: Path) -> Archive:
@@ -77,25 +93,29 @@ def k8s_name(model: str) -> str:
     return model.lower().replace("_", "-").replace(".", "-")
 
 
-def snapshot(archive: Archive) -> dict[str, Any]:
-    """TorchServe's model_snapshot: the model, registered at start with its archive's settings."""
-    c = archive.config
+def snapshot(archive: Archive, device: str = "cpu") -> dict[str, Any]:
+    """TorchServe's model_snapshot: the model, registered at start with its archive's settings for `device` (on
+    gpu, workers_per_gpu counts one GPU's worth: the pod scales it to the GPUs it sees)."""
+    c = archive.settings(device)
     entry = {"defaultVersion": True, "marName": archive.path.name, "minWorkers": int(c.get("minWorkers", 1)),
-             "maxWorkers": archive.workers, "batchSize": archive.batch_size,
+             "maxWorkers": archive.workers_on(device), "batchSize": int(c.get("batchSize", 1)),
              "maxBatchDelay": int(c.get("maxBatchDelay", 100)), "responseTimeout": int(c.get("responseTimeout", 120))}
     return {"name": "startup.cfg", "modelCount": 1, "models": {archive.name: {archive.version: entry}}}
 
 
-def config_properties(archive: Archive) -> str:
-    """config/config.properties for KServe's TorchServe storage layout."""
+def config_properties(archive: Archive, device: str = "cpu") -> str:
+    """config/config.properties (cpu) or config/config-gpu.properties (gpu) for KServe's TorchServe storage
+    layout."""
     lines = [
-        f"# TorchServe configuration for {archive.name} {archive.version} on KServe (written by tsforge.kube.kserve).",
+        f"# TorchServe configuration for {archive.name} {archive.version} on KServe, {device.upper()} runtime "
+        "(written by tsforge.kube.kserve).",
         f"# KServe mounts the storage URI at {MOUNT}. The pod runs `python -m tsforge pod` (tsforge/serving/pod.py), "
         f"which",
         "# starts TorchServe with every address on 127.0.0.1 at free ports (whatever is written here or in TS_*",
         f"# variables) and the v2 front on the pod's ports: REST {HTTP_PORT} (v2, v1 /v1/models/NAME:predict,",
         f"# /predictions/NAME, /ping, /metrics) and gRPC {GRPC_FRONT_PORT}. The model is registered from",
-        "# model_snapshot.",
+        f"# model_snapshot, with the archive's {device.upper()} settings"
+        + (": workers_per_gpu, scaled to the GPUs the pod sees." if device == "gpu" else "."),
         "inference_address=http://127.0.0.1:8080",
         "management_address=http://127.0.0.1:8081",
         "metrics_address=http://127.0.0.1:8082",
@@ -119,9 +139,9 @@ def config_properties(archive: Archive) -> str:
         "# Only the front is on the pod network; clients are authenticated at the ingress (docs/security.md).",
         "disable_token_authorization=true",
         "enable_model_api=false",
-        "job_queue_size=2048",  # as config/config.properties: no 503 up to concurrency 1,024
+        f"job_queue_size={jobqueue.JOB_QUEUE_SIZE}",  # tsforge/serving/jobqueue.py: no 503 up to concurrency 1,024
         "default_response_timeout=60",
-        "model_snapshot=" + json.dumps(snapshot(archive), separators=(",", ":")),
+        "model_snapshot=" + json.dumps(snapshot(archive, device), separators=(",", ":")),
         "",
     ]
     return "\n".join(lines)
@@ -139,7 +159,8 @@ def _place(source: Path, target: Path) -> None:
 def write_storage(archive: Archive, out: Path) -> Path:
     root = out / "storage" / archive.name
     (root / "config").mkdir(parents=True, exist_ok=True)
-    (root / "config" / "config.properties").write_text(config_properties(archive))
+    for device in DEVICES:
+        (root / "config" / CONFIG_FILES[device]).write_text(config_properties(archive, device))
     shutil.copy2(ROOT / "config" / "metrics.yaml", root / "config" / "metrics.yaml")
     _place(archive.path, root / "model-store" / archive.path.name)
     return root
@@ -166,7 +187,8 @@ def serving_runtime(device: str, image: str) -> dict[str, Any]:
                 "name": "kserve-container",
                 "image": image,
                 "command": list(POD_COMMAND),
-                "args": ["--mount", MOUNT, "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_FRONT_PORT)],
+                "args": ["--mount", MOUNT, "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_FRONT_PORT),
+                         "--device", device],
                 "ports": [{"containerPort": HTTP_PORT, "protocol": "TCP"}],
                 "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 5},
                 "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,

@@ -80,7 +80,8 @@ def model_config(config_file: Path, device: str = "auto") -> tuple[str, dict[str
     maxWorkers, batchSize, maxBatchDelay...) replace the top-level ones, since TorchServe reads them from
     the archive; its `handler:` keys stay in the section and apply in each worker whose device is CUDA.
     `workers_per_gpu: W` packages W workers (one GPU's worth); the server start scales them to W x the GPUs it
-    sees (tsforge/serving/gpus.py)."""
+    sees (tsforge/serving/gpus.py). The top-level values replaced are kept under `cpu:`, so the settings of
+    either device can be read back from the archive (gpus.device_settings: the KServe bundle's CPU runtime)."""
     text = config_file.read_text()
     if device not in ("auto", "cpu", "gpu"):
         raise SystemExit(f"--device must be auto, cpu or gpu; got {device!r}")
@@ -89,14 +90,12 @@ def model_config(config_file: Path, device: str = "auto") -> tuple[str, dict[str
     section = config.get("gpu") if isinstance(config, dict) else None
     if not gpu or not isinstance(section, dict):
         return text, {}
-    changed = {k: v for k, v in section.items() if k not in ("handler", gpus.PER_GPU_KEY)}
     try:
-        workers = gpus.per_gpu(config)
+        changed = gpus.gpu_changes(config)
     except ValueError as exc:
         raise SystemExit(f"{config_file}: {exc}") from None
-    if workers is not None:
-        changed.update(minWorkers=workers, maxWorkers=workers)
-    return yaml.safe_dump({**config, **changed}, sort_keys=False), changed
+    replaced = {k: config[k] for k in changed if k in config}
+    return yaml.safe_dump({**config, **changed, "cpu": replaced}, sort_keys=False), changed
 
 
 def stage(p: ArchivePlan) -> list[str]:

@@ -1,10 +1,15 @@
 """What a KServe pod runs (the ServingRuntime's command, `make kserve`): `make serve`'s TorchServe and v2 front.
 
     python -m tsforge pod [--mount /mnt/models] [--http-port 8080] [--grpc-port 8081] [--host 0.0.0.0]
+                          [--device auto|cpu|gpu]
 
-KServe mounts the storage root (config/config.properties, model-store/*.mar) at --mount. TorchServe starts from
-that configuration with every one of its addresses on 127.0.0.1 at free ports, whatever the configuration or the
-TS_* environment says: its Java frontend (netty 4.1.53, no longer fixed) is never on the pod network. The front
+KServe mounts the storage root (config/config.properties, config/config-gpu.properties, model-store/*.mar) at
+--mount. Each ServingRuntime names its device: `cpu` starts TorchServe from config.properties (the archive's CPU
+settings) and gives it no GPU (number_of_gpu=0); `gpu` from config-gpu.properties (the `gpu:` settings, one GPU's
+worth of workers), and as `make serve` does, scales each model to workers_per_gpu x the GPUs visible here
+(tsforge/serving/gpus.py); `auto` is gpu where a GPU is visible. TorchServe starts from that configuration with
+every one of its addresses on 127.0.0.1 at free ports, whatever the configuration or the TS_* environment says: its
+Java frontend (netty 4.1.53, no longer fixed) is never on the pod network. The front
 (tsforge/serving/front.py) takes the pod's ports, KServe's conventions: REST on 8080 (v2, v1 predict, /predictions,
 /ping, /metrics) and gRPC on 8081 (inference.GRPCInferenceService), and refuses what TorchServe's decoders
 would choke on before it reaches them (tsforge/serving/front_guard.py). The models are the configuration's
@@ -27,11 +32,14 @@ import time
 import types
 from pathlib import Path
 
-from tsforge.kube.kserve import GRPC_FRONT_PORT, HTTP_PORT, MOUNT
-from tsforge.serving import frontproc, procgroup
+from tsforge.kube.kserve import CONFIG_FILES, DEVICES, GRPC_FRONT_PORT, HTTP_PORT, MOUNT
+from tsforge.serving import frontproc, gpus, procgroup
 from tsforge.serving.server import KEY_FILE, PATH_KEYS, TorchServe, free_port_overrides, model_args, read_properties
 
 #: what puts TorchServe's own listeners on 127.0.0.1, over anything the mounted configuration says
+#: where the front listens in a pod: every interface, since the kubelet's probes and KServe's clients come from the
+#: pod's network; the front is the only listener there (its token rule, form and size guards), TorchServe is not
+POD_NETWORK = "0.0.0.0"
 LOOPBACK = {"grpc_inference_address": "127.0.0.1", "grpc_management_address": "127.0.0.1"}
 #: TorchServe's environment overrides (enable_envvars_config) that could move a listener off loopback
 ADDRESS_ENV = ("TS_INFERENCE_ADDRESS", "TS_MANAGEMENT_ADDRESS", "TS_METRICS_ADDRESS", "TS_GRPC_INFERENCE_ADDRESS",
@@ -57,6 +65,14 @@ def loopback_overrides() -> dict[str, str]:
     sidecars (Knative's queue-proxy, Istio's proxy) share the pod's loopback, and a fixed port could be theirs."""
     ports = free_port_overrides()
     return {**{k: v for k, v in ports.items() if k not in frontproc.PORT_KEYS}, **LOOPBACK}
+
+
+def device_config(mount: Path, device: str) -> tuple[str, Path, dict[str, str]]:
+    """(the device served, its configuration under `mount`, the overrides that device needs): `auto` is gpu where
+    a GPU is visible; cpu hands TorchServe no GPU, so no worker takes one and none is scaled per GPU."""
+    if device == "auto":
+        device = "gpu" if gpus.visible_gpus() > 0 else "cpu"
+    return device, mount / "config" / CONFIG_FILES[device], {gpus.GPU_COUNT_KEY: "0"} if device == "cpu" else {}
 
 
 def mounted_paths(config: Path, mount: Path) -> dict[str, str]:
@@ -118,11 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mount", type=Path, default=Path(MOUNT), help="the storage root KServe mounts")
     parser.add_argument("--http-port", type=int, default=HTTP_PORT, help="the front's REST port")
     parser.add_argument("--grpc-port", type=int, default=GRPC_FRONT_PORT, help="the front's gRPC port")
-    parser.add_argument("--host", default="0.0.0.0", help="the address the front's ports listen on")
+    parser.add_argument("--host", default=POD_NETWORK, help="the address the front's ports listen on (default: every "
+                        "interface, the pod's network, where the kubelet probes it and clients reach it; TorchServe "
+                        "stays on 127.0.0.1)")
     parser.add_argument("--run-dir", type=Path, help="logs and rendered configuration (default: a new temp dir)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds TorchServe and the front get to start")
+    parser.add_argument("--device", choices=["auto", *DEVICES], default="auto",
+                        help="whose settings to serve (the ServingRuntime's); auto: gpu where a GPU is visible")
     args = parser.parse_args(argv)
-    config, store = args.mount / "config" / "config.properties", args.mount / "model-store"
+    device, config, device_overrides = device_config(args.mount, args.device)
+    store = args.mount / "model-store"
     if not config.is_file():
         parser.error(f"no {config}: --mount must be a storage root written by `tsforge kserve`")
     models, registered = served_models(config, store)
@@ -132,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="tsforge-pod-"))
     server = TorchServe(config=config, run_dir=run_dir, model_store=store,
                         models=() if registered else model_args(models),
-                        overrides={**mounted_paths(config, args.mount), **loopback_overrides()})
+                        overrides={**mounted_paths(config, args.mount), **device_overrides, **loopback_overrides()})
+    print(f"{device.upper()} settings from {config}; GPUs: {server.props.get(gpus.GPU_COUNT_KEY, 'all visible')}",
+          flush=True)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _raise_stopped)
     exited: str | None = None

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import requests
 
 from tsforge.project import ROOT
-from tsforge.serving import frontproc, gpus, procgroup
+from tsforge.serving import frontproc, gpus, jobqueue, procgroup
 
 PORT_KEYS = {
     "inference_address": "http://127.0.0.1:{}",
@@ -233,6 +233,7 @@ class TorchServe:
             if key in props and not Path(props[key]).is_absolute():
                 props[key] = str(ROOT / props[key])
         props["model_store"] = str(self.model_store.resolve())
+        props.setdefault("job_queue_size", str(jobqueue.JOB_QUEUE_SIZE))  # the profiles leave it to jobqueue.py
         props.update(self.overrides)
         self.props = props
 
@@ -298,10 +299,12 @@ class TorchServe:
         if state:
             props[SNAPSHOT_KEY] = json.dumps(json.loads(state), separators=(",", ":"))
         # Workers per GPU (tsforge/serving/gpus.py): TorchServe's device count and the worker counts from the GPUs
-        # seen here.
+        # seen here, for the models started with --models or else registered by the profile's model_snapshot (the
+        # KServe pod's); a restored snapshot keeps the worker counts it recorded.
         devices = gpus.visible_gpus(props.get(gpus.GPU_COUNT_KEY))
         props[gpus.GPU_COUNT_KEY] = str(devices)
-        self._scaling = {} if state else gpus.worker_plan(Path(self.props["model_store"]), self.models, devices)
+        started = self.models or gpus.snapshot_models(props.get(SNAPSHOT_KEY))
+        self._scaling = {} if state else gpus.worker_plan(Path(self.props["model_store"]), started, devices)
         rendered = self.run_dir / "config.properties"
         write_properties(rendered, props)
         command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
