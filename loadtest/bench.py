@@ -44,20 +44,14 @@ from handlers.placement import cores_per_worker
 from loadtest import matrix, report
 from loadtest.inprocess import PLAIN_FP32, ceiling, prepared_cases, unpack
 from loadtest.loadgen import load
-from loadtest.monitor import MetricsScraper, monitored
+from loadtest.monitor import MetricsScraper, monitored, worker_threads
 from loadtest.payloads import Case
 from loadtest.serving import selection, torchserve
+from loadtest.stock import STOCK_HANDLERS, stock_handler
 from tsforge import extras
 from tsforge.project import ROOT
 from tsforge.serving.server import free_port
 
-# TorchServe's stock handler for each tsforge handler, where one exists.
-STOCK_HANDLERS = {"image_handler.py": "image_classifier", "segmentation_handler.py": "image_segmenter",
-                  # stock text_classifier needs torchtext (none for torch 2.x) and a pickled vocabulary: what users
-                  # ran for Hugging Face classifiers is pytorch/serve's example handler, as loadtest/ reproduces it
-                  "text_classification_handler.py": "loadtest/stock_text_classifier.py",
-                  # object_detector on the same weights, eager: loadtest/stock_detector_model.py says why
-                  "detection_handler.py": "object_detector"}
 #: stock handlers that answer a bare label as text, not JSON (pytorch/serve's Hugging Face example handler)
 STOCK_BARE_LABEL = {"loadtest/stock_text_classifier.py"}
 TARGETS = ("tsforge", "stock", "flask", "ceiling")
@@ -109,7 +103,7 @@ def stock_archive(model: str, store: Path, setting: StockSetting = StockSetting(
                   max_batch_delay: int = 5) -> Path | None:
     """MODEL.mar with TorchServe's stock handler around build/MODEL/MODEL.pt, served as `setting`; None when there
     is no stock handler."""
-    stock = STOCK_HANDLERS.get(Path(get(model).handler).name)
+    stock = stock_handler(model)
     if stock is None:
         return None
     # TorchServe's stock handlers import captum in the worker: without it, the stock worker would never load
@@ -213,10 +207,12 @@ def run_torchserve(label: str, model: str, store: Path, cases: list[Case], level
             described.update(selection(server, model))
         url = f"{server.url('inference')}/predictions/{model}"
         load(cases, max(levels), warmup, url=url, warmup_s=0.0)  # the JVM's JIT, TorchScript profiling, oneDNN caches
+        threads_seen = worker_threads(report.server_pid(server.run_dir))  # each worker's, as it runs
         for level in levels:
             summary = measure(cases, level, duration, url, report.server_pid(server.run_dir), single_process=False,
                               metrics_url=server.url("metrics"), model=model)
-            rows.append({**summary, "target": label, "url": summary["target"], "level": level})
+            rows.append({**summary, "target": label, "url": summary["target"], "level": level,
+                         "worker_threads": threads_seen})
             print(f"  {label:8s} c={level:<3d} {summary['qps']:8.1f} req/s  P50 {summary['latency_ms']['p50']:7.1f} ms"
                   f"  P99 {summary['latency_ms']['p99']:7.1f} ms  ok {summary['success_rate']:.1%}", flush=True)
     return rows
@@ -294,7 +290,7 @@ def run_stock(model: str, cases: list[Case], levels: list[int], duration: float,
     """The stock handler at its best setting here: each setting served at the highest level for sweep[0] s after
     sweep[1] s of load, the fastest then measured at every level. Rows (empty without a stock handler), sweep."""
     level, tried = max(levels), []
-    floor = STOCK_MIN_DURATION_S.get(STOCK_HANDLERS.get(Path(get(model).handler).name, ""), 0.0)
+    floor = STOCK_MIN_DURATION_S.get(stock_handler(model) or "", 0.0)
     sweep, duration = (max(sweep[0], floor), sweep[1]), max(duration, floor)
     for setting in settings:
         store = BENCH_BUILD / "stock-store" / setting.name
@@ -305,7 +301,8 @@ def run_stock(model: str, cases: list[Case], levels: list[int], duration: float,
         try:
             row = run_torchserve(f"stock-{setting.name}", model, store, cases, [level], sweep[0], sweep[1],
                                  env=setting.env)[0]
-            entry |= {"qps": row["qps"], "p99_ms": row["latency_ms"]["p99"], "success_rate": row["success_rate"]}
+            entry |= {"qps": row["qps"], "p99_ms": row["latency_ms"]["p99"], "success_rate": row["success_rate"],
+                      "threads_seen": row["worker_threads"]}
         except Exception as exc:  # a setting that cannot start here is a finding, not the end of the bench
             entry["error"] = str(exc)[:300]
         tried.append(entry)
@@ -319,6 +316,7 @@ def run_stock(model: str, cases: list[Case], levels: list[int], duration: float,
     for row in rows:
         row["setting"] = {"workers": chosen.workers, "batch_size": chosen.batch_size, "max_batch_delay": delay,
                           "threads": chosen.threads}
+        row["stock_handler"] = stock_handler(model)
     return rows, {"level": level, "duration_s": sweep[0], "warmup_s": sweep[1], "settings": tried,
                   "best": chosen.name}
 
@@ -359,7 +357,7 @@ def comparison(rows: list[dict[str, Any]], levels: list[int],
         theirs = at.get(target)
         if theirs is None:
             continue
-        found[key] = {**_point(theirs), **({"setting": theirs["setting"]} if "setting" in theirs else {})}
+        found[key] = {**_point(theirs), **{k: theirs[k] for k in ("setting", "stock_handler") if k in theirs}}
         found[f"vs_{key}"] = round(ours["qps"] / theirs["qps"], 2) if theirs["qps"] else None
         found[f"p99_below_{key}"] = ours["latency_ms"]["p99"] < theirs["latency_ms"]["p99"]
     ceiling_rate = (ceiling_result or {}).get("handler_items_per_s")
@@ -393,6 +391,7 @@ def summary(result: dict[str, Any], raw: Path) -> dict[str, Any]:
         **{k: result[k] for k in ("model", "created", "command", "machine", "levels", "duration_s", "warmup_s",
                                   "payloads")},
         "model_config": {k: v for k, v in result["model_config"].items() if k in _CONFIG_KEYS},
+        "stock_handler": stock_handler(result["model"]),
         "rows": [report.compact_row(r) for r in result["rows"]],
         "comparison": result["comparison"],
         "stock_sweep": result["stock_sweep"],
@@ -471,7 +470,7 @@ def run_all(args: argparse.Namespace, mar: Path, config: dict[str, Any]) -> dict
     extras.need("matplotlib", "plots", "the plot bench.png")
     if "flask" in args.targets:
         extras.need("flask", "loadtest", "the Flask baseline (bench target flask)")
-    stock = STOCK_HANDLERS.get(Path(get(args.model).handler).name)
+    stock = stock_handler(args.model)
     if "stock" in args.targets and stock:
         extras.need("captum", "loadtest", f"TorchServe's stock handler {stock} (bench target stock)")
     # Raw bodies only: what every server accepts alike (stock handlers take no JSON envelopes).

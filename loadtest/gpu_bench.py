@@ -425,30 +425,66 @@ def sweep_point(setting: str, args: argparse.Namespace, levels: list[int], cases
 
 # ---- report --------------------------------------------------------------------------------------
 
-def markdown(result: dict[str, Any]) -> str:
-    machine = result["machine"]
-    lines = [f"GPU: {machine.get('gpu') or 'none'}; {machine['cores']} cores ({machine['cpu']}); torch "
-             f"{machine['torch']}; {result['duration_s']:g} s per level, {result['clients']} client processes.", "",
-             "| server | concurrency | img/s | P50 ms | P99 ms | ok | GPU busy % | client CPU % | server CPU % |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        latency = row["latency_ms"]
-        lines.append(f"| {row['target']} | {row['level']} | {row['qps']:,.0f} | {latency['p50']:.1f} | "
-                     f"{latency['p99']:.1f} | {row['success_rate']:.1%} | {row['gpu'].get('util_percent_mean', '-')} | "
-                     f"{row['client']['cpu_percent']} | {row['server'].get('cpu_percent', '-')} |")
-    ceiling = result.get("ceiling")
-    if ceiling:
-        lines += ["", "In-process ceilings (items/s): " + ", ".join(
-            f"{k.removesuffix('_items_per_s')} {v:,.0f}" for k, v in ceiling.items() if k.endswith("_items_per_s"))]
-    if result.get("ratios"):
-        lines += ["", "tsforge / stock at the same concurrency: " + ", ".join(
-            f"c={level}: {ratio}x" for level, ratio in result["ratios"].items())]
-    if result.get("parity"):
-        lines += ["", f"GPU path against the CPU path in fp32: {json.dumps(result['parity'])}"]
-    return "\n".join(lines) + "\n"
+#: what the stock handler is, beside its settings: TorchServe's image_classifier decodes with Pillow, in fp32
+STOCK_FACTS = {"precision": "fp32", "decoder": "Pillow"}
+PAYLOADS = {"img": "crops and mirror images of the two photos, 640 pixels wide, as raw JPEG bodies",
+            "texts": "sentences of 5-60 words, as text and JSON bodies"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _mib_range(per_process: dict[Any, float]) -> list[float] | None:
+    values = list(per_process.values())
+    return [min(values), max(values)] if values else None
+
+
+def compact_gpu_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A served row as docs/data keeps it: the figures the GPU page shows, no bulk."""
+    gpu, client = row.get("gpu") or {}, row.get("client") or {}
+    keys = ("target", "level", "stock_handler", "qps", "requests", "failures", "success_rate", "latency_ms")
+    kept: dict[str, Any] = {k: row[k] for k in keys if k in row}
+    return {**kept, "gpu": {k: gpu.get(k) for k in ("util_percent_mean", "util_percent_max", "memory_used_mib_max")},
+            "client": {"cpu_percent": client.get("cpu_percent"), "processes": client.get("processes")},
+            "server": {"cpu_percent": (row.get("server") or {}).get("cpu_percent")}}
+
+
+def data_summary(result: dict[str, Any], raw: Path) -> dict[str, Any]:
+    """The small JSON for docs/data/gpu-NAME.json (schema loadtest.render_gpu.SCHEMA), which the GPU page renders."""
+    from loadtest import render_gpu, report
+
+    memory = {target: {"after_warmup": _mib_range(m.get("start_mib") or {}),
+                       "after_run": _mib_range(m.get("end_mib") or {})}
+              for target, m in result["gpu_memory_per_process_mib"].items()}
+    return {"schema": render_gpu.SCHEMA, "model": result["model"], "label": None, "unit": result["unit"],
+            "created": result["created"], "command": result["command"], "machine": result["machine"],
+            "source": None, "archive_config": result["archive_config"], "handler_config": result["handler_config"],
+            **{k: result[k] for k in ("levels", "duration_s", "warmup_s", "clients", "gpu_sample_interval_s",
+                                      "stock", "payloads", "ceiling", "parity", "notes", "gpu_scaling", "wall_s")},
+            "rows": [compact_gpu_row(r) for r in result["rows"]],
+            "ratios": {str(level): ratio for level, ratio in result["ratios"].items()},
+            "gpu_memory_per_worker_mib": {k: v for k, v in memory.items() if v["after_warmup"] and v["after_run"]},
+            "previous": None, "programs": None, "raw_report": report.shown(raw)}
+
+
+def write_reports(result: dict[str, Any], args: argparse.Namespace) -> Path:
+    """OUT/gpu-bench.{json,md,png} and the committed summary DATA/gpu-NAME.json; returns the summary's path."""
+    from loadtest import render_gpu, report
+    from loadtest.render import bench_plot
+
+    raw = args.out / "gpu-bench.json"
+    raw.write_text(json.dumps(result, indent=2) + "\n")
+    data = data_summary(result, raw)
+    path = report.write_data(data, (args.data or args.out) / f"gpu-{result['model']}.json")
+    text = render_gpu.run_markdown(data, report.shown(path))
+    (args.out / "gpu-bench.md").write_text(text)
+    if result["rows"]:
+        ceiling = result["ceiling"]
+        bench_plot({"model": result["model"], "rows": result["rows"],
+                    "ceiling": {"handler_items_per_s": ceiling["handler_items_per_s"]} if ceiling else None},
+                   args.out / "gpu-bench.png")
+    print(text)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.gpu_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50", help="a declared model (image or text handler)")
@@ -477,90 +513,107 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", type=Path, help="folder of pure-Python wheels to install first (no index)")
     parser.add_argument("--photos", type=Path, help="folder with china.jpg and flower.jpg (no scikit-learn)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "gpu-bench")
-    args = parser.parse_args(argv)
-    started = time.time()
-    notes = setup(args.bundle, args.wheels, args.photos)
-    import torch
+    parser.add_argument("--data", type=Path, help="where the committed summary gpu-NAME.json goes (default: --out; "
+                        "docs/data to re-render the GPU page with `make benchmarks-doc`)")
+    return parser.parse_args(argv)
 
-    from loadtest import report
-    from loadtest.render import bench_plot
 
-    levels = [int(x) for x in args.levels.split(",") if x.strip()]
-    stock_levels = [int(x) for x in (args.stock_levels or args.levels).split(",") if x.strip()]
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    name = args.model_name or args.model
-    store = BUILD / "store"
-    args.out.mkdir(parents=True, exist_ok=True)
-    PARTIAL["file"] = str(args.out / "gpu-bench.partial.json")
-    gpu = torch.cuda.is_available()
-    print(f"gpu-bench {name}: {'GPU ' + torch.cuda.get_device_name(0) if gpu else 'no GPU: CPU run'}", flush=True)
-    if args.mar is not None:  # built elsewhere: served as it is
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def prepare_archive(args: argparse.Namespace, name: str, store: Path) -> tuple[Path, dict[str, Any]]:
+    """The archive to serve: `--mar` as built elsewhere, else exported (if need be) and archived here."""
+    if args.mar is not None:
         store.mkdir(parents=True, exist_ok=True)
-        mar, timings = Path(shutil.copy2(args.mar, store / f"{name}.mar")), {"prebuilt": args.mar.name}
-    else:
-        mar, timings = export_and_archive(args.model, args.model_name, args.handler, args.config, args.build_dir,
-                                          store)
-    import yaml
+        return Path(shutil.copy2(args.mar, store / f"{name}.mar")), {"prebuilt": args.mar.name}
+    return export_and_archive(args.model, args.model_name, args.handler, args.config, args.build_dir, store)
 
-    from export.registry import get
-    from loadtest.inprocess import unpack
+
+def gpu_parity(mar: Path, bodies: list[Case], gpu_answers: list[Any], text: bool) -> dict[str, Any]:
+    """The served path against fp32 TorchScript on the CPU; for images also the decoder alone (fp32 both sides)."""
+    fp32 = {"precision": "fp32", "backend": "torchscript"}
+
+    def answers_of(handler: Any) -> list[Any]:
+        return [json.loads(b) if s == 200 else None for s, b in handler.handle(bodies)]
+
+    cpu_answers = answers_of(local_handler(mar, False, fp32, batch_size=1))
+    if text:
+        return {"served": embedding_parity(gpu_answers, cpu_answers)}
+    return {"served": parity(gpu_answers, cpu_answers),
+            "fp32_decoder_only": parity(answers_of(local_handler(mar, True, fp32, batch_size=1)), cpu_answers)}
+
+
+def in_process(args: argparse.Namespace, mar: Path, gpu: bool, text: bool, batch: int) -> dict[str, Any]:
+    """Payloads with references from the archive's handler here, the parity figures and the in-process ceilings."""
     from loadtest.payloads import sentence_cases
 
-    model_config = yaml.safe_load((unpack(mar) / "model-config.yaml").read_text()) or {}
     local = local_handler(mar, gpu)
     print(f"  in-process handler on {local.handler.device}: {json.dumps(local.handler.selection.get('variant'))}",
           flush=True)
-    text = get(args.model).handler.endswith("text_handler.py")
     bodies = sentence_cases(args.payload_count, 0) if text else photo_jpegs(args.payload_count)
     cases, gpu_answers = references(local, bodies)
     if not cases:
         raise SystemExit(f"the archive's handler answered none of the {len(bodies)} payloads in-process (see its "
                          "log above); nothing to measure")
-    parity_figures: dict[str, Any] = {}
-    if gpu:
-        fp32 = {"precision": "fp32", "backend": "torchscript"}
-
-        def answers_of(handler: Any) -> list[Any]:
-            return [json.loads(b) if s == 200 else None for s, b in handler.handle(bodies)]
-
-        cpu_answers = answers_of(local_handler(mar, False, fp32, batch_size=1))
-        if text:
-            parity_figures = {"served": embedding_parity(gpu_answers, cpu_answers)}
-        else:  # as served (fp16, nvJPEG) and the decoder alone (fp32 on both sides)
-            parity_figures = {"served": parity(gpu_answers, cpu_answers),
-                              "fp32_decoder_only": parity(answers_of(local_handler(mar, True, fp32, batch_size=1)),
-                                                          cpu_answers)}
-    ceiling = None
+    found = {"cases": cases, "parity": gpu_parity(mar, bodies, gpu_answers, text) if gpu else {},
+             "ceiling": None, "selection": local.handler.selection}
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if "ceiling" in targets:
-        ceiling = ceilings(local, cases, int(model_config.get("batchSize") or 1), args.ceiling_duration)
-        print(f"  ceiling  {json.dumps(ceiling)}", flush=True)
-    local_selection = local.handler.selection
-    del local
-    if gpu:
-        torch.cuda.empty_cache()
-    rows: list[dict[str, Any]] = []
-    memory: dict[str, Any] = {}
+        found["ceiling"] = ceilings(local, cases, batch, args.ceiling_duration)
+        print(f"  ceiling  {json.dumps(found['ceiling'])}", flush=True)
+    return found
+
+
+def serve_stock(args: argparse.Namespace, cases: list[Case], notes: list[str]) -> tuple[list[dict[str, Any]],
+                                                                                         dict[str, Any], Any]:
+    """The stock handler's rows, its GPU memory and what it was (None without one for this model)."""
+    from loadtest.stock import stock_handler
+
+    handler = stock_handler(args.model)
+    if handler != "image_classifier":
+        notes.append("no stock handler: TorchServe ships none for sentence embeddings" if handler is None else
+                     f"no stock handler: the GPU bench serves image_classifier only, not {handler}")
+        return [], {}, None
+    store = stock_archive(args.model, args.build_dir / args.model, BUILD / "stock-store").parent
+    # The stock handler answers {label: probability} in fp32: demand the label only.
+    stock_cases = [Case(c.name, c.body, c.content_type, {"label": c.expect["label"]}) for c in cases
+                   if "label" in c.expect]
+    duration, warmup = args.stock_duration or args.duration, min(args.warmup, 5.0)
+    rows, memory = serve_and_measure("stock", args.model, store, stock_cases, _ints(args.stock_levels or args.levels),
+                                     duration, warmup, args.clients)
+    for row in rows:
+        row["stock_handler"] = handler
+    config = {k: STOCK_CONFIG[k] for k in ("maxWorkers", "batchSize", "maxBatchDelay")}
+    return rows, memory, {"handler": handler, "config": config, **STOCK_FACTS, "duration_s": duration,
+                          "warmup_s": warmup}
+
+
+def serve_all(args: argparse.Namespace, name: str, store: Path, cases: list[Case],
+              notes: list[str]) -> dict[str, Any]:
+    """Every served measurement: tsforge, on N GPUs, the stock handler, the sweep. Rows, memory, stock."""
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    levels, rows, memory = _ints(args.levels), [], {}
     if "tsforge" in targets:
         served, memory["tsforge"] = serve_and_measure("tsforge", name, store, cases, levels, args.duration,
                                                       args.warmup, args.clients)
         rows += served
-    for count in [int(x) for x in args.gpu_counts.split(",") if x.strip()]:
+    for count in _ints(args.gpu_counts):
         served, memory[f"tsforge-{count}gpu"] = serve_and_measure(
             f"tsforge-{count}gpu", name, store, cases, levels, args.duration, args.warmup, args.clients, gpus=count)
         rows += served
-    if "stock" in targets and text:
-        notes.append("no stock handler: TorchServe ships none for sentence embeddings")
-    elif "stock" in targets:
-        stock_store = stock_archive(args.model, args.build_dir / args.model, BUILD / "stock-store").parent
-        # The stock handler answers {label: probability} in fp32: demand the label only.
-        stock_cases = [Case(c.name, c.body, c.content_type, {"label": c.expect["label"]}) for c in cases
-                       if "label" in c.expect]
-        served, memory["stock"] = serve_and_measure("stock", args.model, stock_store, stock_cases, stock_levels,
-                                                    args.stock_duration or args.duration, min(args.warmup, 5.0),
-                                                    args.clients)
+    stock = None
+    if "stock" in targets:
+        served, memory["stock"], stock = serve_stock(args, cases, notes)
         rows += served
+        memory = {k: v for k, v in memory.items() if v}
     for setting in [s.strip() for s in args.sweep.split(",") if s.strip()]:
-        rows += sweep_point(setting, args, [int(x) for x in args.sweep_levels.split(",")], cases)
+        rows += sweep_point(setting, args, _ints(args.sweep_levels), cases)
+    return {"rows": rows, "gpu_memory_per_process_mib": memory, "stock": stock}
+
+
+def ratios_and_scaling(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """tsforge / stock at each level, and each GPU count's throughput over one GPU's."""
     tsforge_qps = {r["level"]: r["qps"] for r in rows if r["target"] == "tsforge"}
     ratios = {r["level"]: round(tsforge_qps[r["level"]] / r["qps"], 1) for r in rows
               if r["target"] == "stock" and r["qps"] and r["level"] in tsforge_qps}
@@ -568,36 +621,61 @@ def main(argv: list[str] | None = None) -> int:
     scaling = {r["target"]: {r2["level"]: round(r2["qps"] / one_gpu[r2["level"]], 2) for r2 in rows
                              if r2["target"] == r["target"] and r2["level"] in one_gpu}
                for r in rows if r["target"].startswith("tsforge-") and r["target"] != "tsforge-1gpu"}
+    return {"ratios": ratios, "gpu_scaling": scaling}
+
+
+def machine() -> dict[str, Any]:
+    """report.machine() and the torchvision beside torch (the GPU path decodes and resizes with it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from loadtest import report
+
+    try:
+        torchvision = version("torchvision")
+    except PackageNotFoundError:
+        torchvision = None
+    return {**report.machine(), "torchvision": torchvision}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    notes = setup(args.bundle, args.wheels, args.photos)
+    import torch
+    import yaml
+
+    from export.registry import get
+    from loadtest import report
+    from loadtest.inprocess import unpack
+
+    name, store = args.model_name or args.model, BUILD / "store"
+    args.out.mkdir(parents=True, exist_ok=True)
+    PARTIAL["file"] = str(args.out / "gpu-bench.partial.json")
+    gpu = torch.cuda.is_available()
+    print(f"gpu-bench {name}: {'GPU ' + torch.cuda.get_device_name(0) if gpu else 'no GPU: CPU run'}", flush=True)
+    mar, timings = prepare_archive(args, name, store)
+    model_config = yaml.safe_load((unpack(mar) / "model-config.yaml").read_text()) or {}
+    text = get(args.model).handler.endswith("text_handler.py")
+    found = in_process(args, mar, gpu, text, int(model_config.get("batchSize") or 1))
+    cases = found.pop("cases")
+    if gpu:  # the in-process handlers' memory goes back before the server's workers want theirs
+        torch.cuda.empty_cache()
+    served = serve_all(args, name, store, cases, notes)
     result = {
-        "model": name,
+        "model": name, "unit": "texts" if text else "img",
         "archive_config": {k: v for k, v in model_config.items() if k != "handler"},
-        "handler_config": model_config.get("handler"),
-        "levels": levels,
-        "duration_s": args.duration,
-        "clients": args.clients,
-        "payloads": {"count": len(cases), "mean_bytes": round(sum(len(c.body) for c in cases) / max(1, len(cases)))},
-        "setup": {**timings, "notes": notes},
-        "parity": parity_figures,
-        "selection": local_selection,
-        "ceiling": ceiling,
-        "rows": rows,
-        "ratios": ratios,
-        "gpu_scaling": scaling,
-        "gpu_memory_per_process_mib": memory,
+        "handler_config": model_config.get("handler"), "levels": _ints(args.levels), "duration_s": args.duration,
+        "warmup_s": args.warmup, "clients": args.clients, "gpu_sample_interval_s": GpuSampler().interval,
+        "payloads": {"count": len(cases), "kinds": sorted({c.content_type for c in cases}),
+                     "mean_bytes": round(sum(len(c.body) for c in cases) / max(1, len(cases))),
+                     "description": PAYLOADS["texts" if text else "img"]},
+        "setup": {**timings, "notes": notes}, "notes": notes, **found, **served,
+        **ratios_and_scaling(served["rows"]),
         "command": "python -m loadtest.gpu_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": report.machine(),
-        "wall_s": 0.0,
-        "created": report.now(),
+        "machine": machine(), "wall_s": round(time.time() - started, 1), "created": report.now(),
     }
-    result["wall_s"] = round(time.time() - started, 1)
-    (args.out / "gpu-bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "gpu-bench.md").write_text(markdown(result))
-    if rows:
-        bench_plot({"model": name, "rows": rows,
-                    "ceiling": {"handler_items_per_s": ceiling["handler_items_per_s"]} if ceiling else None},
-                   args.out / "gpu-bench.png")
-    print(markdown(result))
-    print(f"reports: {args.out}")
+    data = write_reports(result, args)
+    print(f"reports: {args.out}; committed summary: {report.shown(data)}")
     return 0
 
 

@@ -5,14 +5,17 @@
 
 `prepare` (this machine, with the venv and a package index) fills one git-ignored folder, at most 64 MiB (what the
 device tool carries): TorchServe 0.12 with a trimmed Java 17 (`ts-bundle.txz`, from the shared bundle script),
-pure-Python wheels the host lacks (requests, pytest) and the tokenizers wheel, pinned to this venv's versions,
-and data files instead of scikit-learn: the two sample photos and the digits split (`digits-split.npz`).
+pure-Python wheels the host lacks (requests, pytest, vaderSentiment) and the tokenizers wheel, pinned to this venv's
+versions, data files instead of scikit-learn (the two sample photos and the digits split, `digits-split.npz`), and
+MiniLM's weight package, whose 87 MiB travel in parts: what does not fit goes into stage folders, carried ahead by
+calls of their own (it prints the calls, in order).
 
 `run` (the GPU host: torch of its own, no Java, no scikit-learn, no index, no internet):
 1. sets TorchServe, the wheels and the data up from the carry folder (loadtest.gpu_bench.setup);
 2. exports (TorchScript only: a GPU serves no int8/ONNX variant) and archives each example model there, so its
    torch loads what it traced and the `gpu:` sections apply; a model whose source is missing there is reported
-   as skipped with the reason (minilm and sentiment need their weight packages);
+   as skipped with the reason (minilm and sentiment need MiniLM's weight package, which travels in parts, the first
+   ones left on the host by stage calls ahead of the run: loadtest/gpu_carry.py);
 3. runs the CUDA tests of the suite (`pytest -m cuda`);
 4. answers a set of real payloads per model in-process on the GPU (the reference) and with fp32 on the CPU
    (parity figures), then serves the archive alone on a real TorchServe and checks every served answer
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import importlib.util
 import json
 import os
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +48,20 @@ WORK = ROOT / "build" / "test-gpu"
 MODELS = ("digits", "digits_tensor", "resnet18", "resnet50", "minilm", "detector", "segmenter", "sentiment")
 CASES = 16
 #: GPU (as served: fp16, nvJPEG) against fp32 on the CPU: top-1 agreement, embedding cosine, largest output change
-MIN_LABEL_AGREEMENT = 0.9  # random-weight ResNets: one of 32 flipped on an H200 (docs/benchmarks-gpu.md)
+MIN_LABEL_AGREEMENT = 0.9  # random-weight ResNets: one of 32 flipped on an H200 (docs/data/gpu-resnet50.json)
 MIN_COSINE = 0.999
 MAX_OUTPUT_CHANGE = 0.05
 CUDA_TESTS_TIMEOUT_S = 600
+#: test-gpu.json's format (docs/data/test-gpu.json; the GPU page renders it)
+SCHEMA = "tsforge.test-gpu/1"
 SERVE_TIMEOUT_S = 600
+
+
+def machine(facts: dict[str, Any]) -> dict[str, Any]:
+    """The GPU and torch every figure of the run was measured with, as the GPU page (loadtest/render_gpu.py) names
+    them; the rest of loadtest.report.machine() needs packages the GPU host may lack."""
+    return {"gpu": ", ".join(facts["gpus"]) or None, "torch": facts["torch"], "cuda": facts["cuda"],
+            "python": facts["python"], "date": datetime.now(timezone.utc).date().isoformat()}
 
 
 def device_facts() -> dict[str, Any]:
@@ -72,9 +86,63 @@ def set_up(carry: Path) -> list[str]:
         if importlib.util.find_spec(wheel.name.split("-")[0]) is None:
             shutil.copy2(wheel, wheels / wheel.name)
     notes = setup(bundle if bundle.is_file() else None, wheels, photos if photos.is_dir() else None)
+    notes += weight_packages(carry)
     if (carry / "digits-split.npz").is_file():
         os.environ[SPLIT_ENV] = str((carry / "digits-split.npz").resolve())
         notes.append("digits split from digits-split.npz")
+    return notes
+
+
+def weight_packages(carry: Path, staged: Path | None = None) -> list[str]:
+    """The weight packages this Python lacks (MiniLM's), put back together under build/test-gpu/packages from the
+    carry folder and the parts that stage calls left in STAGED (loadtest/gpu_carry.py); every part's SHA-256 is
+    checked. A package with a part missing is left out, so its models are skipped with the reason."""
+    from loadtest.gpu_carry import MANIFEST, STAGED
+
+    staged = STAGED if staged is None else staged
+    manifest_file = carry / MANIFEST
+    if not manifest_file.is_file():
+        return []
+    manifest = json.loads(manifest_file.read_text())
+    site = WORK / "packages"
+    notes = []
+    for name in sorted({key.split("/", 1)[0] for key in manifest}):
+        if importlib.util.find_spec(name) is not None:
+            continue  # the host's own
+        target = site / name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(carry / "packages" / name, target)
+        counts = {"carried": 0, "staged": 0}
+        problem = None
+        for key, entry in ((k, e) for k, e in manifest.items() if k.split("/", 1)[0] == name):
+            digest = hashlib.sha256()
+            with (site / key).open("wb") as out:
+                for part in entry["parts"]:
+                    found = [f for f in (carry / "packages" / part["name"], staged / part["name"]) if f.is_file()]
+                    if not found:
+                        problem = f"part {part['name']} is missing (its stage call did not run on this machine)"
+                        break
+                    chunk = found[0].read_bytes()
+                    if hashlib.sha256(chunk).hexdigest() != part["sha256"]:
+                        problem = f"part {found[0]} does not match its SHA-256"
+                        break
+                    counts["carried" if found[0].parent.parent == carry else "staged"] += 1
+                    digest.update(chunk)
+                    out.write(chunk)
+            if problem is None and digest.hexdigest() != entry["sha256"]:
+                problem = f"{key} does not match its SHA-256"
+            if problem:
+                break
+        if problem:
+            shutil.rmtree(target, ignore_errors=True)
+            notes.append(f"{name} left out: {problem}")
+            continue
+        if str(site) not in sys.path:
+            sys.path.insert(0, str(site))
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, os.environ.get(
+                "PYTHONPATH", "").split(os.pathsep))])
+        importlib.invalidate_caches()
+        notes.append(f"{name} from {counts['carried'] + counts['staged']} parts ({counts['staged']} staged)")
     return notes
 
 
@@ -205,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
     notes = set_up(args.carry)
     facts = device_facts()
     print(f"test-gpu: torch {facts['torch']} (CUDA {facts['cuda']}); GPUs: {facts['gpus'] or 'none'}", flush=True)
-    summary: dict[str, Any] = {"device": facts, "setup": notes, "models": {}, "ok": False}
+    summary: dict[str, Any] = {"schema": SCHEMA, "command": "python -m loadtest.gpu_smoke " + " ".join(sys.argv[1:]),
+                               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "machine": machine(facts), "device": facts, "setup": notes, "models": {}, "ok": False}
     gpu = bool(facts["cuda_available"])
     if not gpu and not args.allow_cpu:
         summary["error"] = "no CUDA: torch.cuda.is_available() is False (--allow-cpu runs the same steps on the CPU)"

@@ -38,6 +38,26 @@ def role(process: psutil.Process) -> str:
     return "launcher"
 
 
+def worker_threads(pid: int | None) -> list[int | None]:
+    """The OMP_NUM_THREADS each TorchServe worker under `pid` runs with, read from the worker's own environment
+    (torch sizes its intra-op pool from it at start); None for a worker that has none (torch then takes every
+    core)."""
+    if pid is None:
+        return []
+    try:
+        tree = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    seen: list[int | None] = []
+    for process in tree:
+        if role(process) != "worker":
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            value = process.environ().get("OMP_NUM_THREADS")
+            seen.append(int(value) if value else None)
+    return seen
+
+
 @dataclass
 class ProcessMonitor:
     """Samples CPU time and RSS of `pid` and its descendants every `interval` seconds on a thread."""

@@ -1,8 +1,9 @@
-"""Render the committed benchmark data (docs/data/*.json) as docs/benchmarks.md, its plots, and the measured
-parts of docs/scaling.md and docs/reliability.md (loadtest/render_reliability.py). Nothing is read back out of
-markdown: every table names the JSON it comes from.
+"""Render the committed benchmark data (docs/data/*.json) as docs/benchmarks.md, its plots, the GPU page
+docs/benchmarks-gpu.md (loadtest/render_gpu.py) and the measured parts of docs/scaling.md and docs/reliability.md
+(loadtest/render_reliability.py). Nothing is read back out of markdown: every table names the JSON it comes from,
+and the pages depend on that data alone (tests/test_render.py renders it afresh and compares).
 
-    python -m loadtest.render                       # docs/data/ -> docs/benchmarks.md, docs/scaling.md
+    python -m loadtest.render                       # docs/data/ -> docs/benchmarks*.md, docs/scaling.md, ...
     python -m loadtest.render --data DIR --out PAGE.md --scaling SCALING.md
 """
 
@@ -17,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest import matrix
-from loadtest.report import replace_generated_block, shown
+from loadtest import matrix, render_gpu, render_reliability
+from loadtest.report import machine_line, replace_generated_block, shown
+from loadtest.stock import declared_stock_handler, stock_name
 from tsforge import extras
 from tsforge.kube import capacity
 from tsforge.project import ROOT
@@ -43,30 +45,32 @@ def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
 
 
-def machine_line(machine: dict[str, Any]) -> str:
-    """The machine a report was measured on, as that report recorded it at run time."""
-    gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"
-    flags = machine.get("cpu_flags")
-    shown_flags = "" if flags is None else f" (CPU flags: {', '.join(flags) or 'none of the AVX2+ ones'})"
-    runtime = f", ONNX Runtime {machine['onnxruntime']}" if machine.get("onnxruntime") else ""
-    date = f"; {machine['date']}" if machine.get("date") else ""
-    return (f"{machine['cpu']}, {machine['cores']} cores{shown_flags}, {machine['memory_gb']} GiB{gpu}; "
-            f"Python {machine['python']}, torch {machine['torch']}{runtime}, TorchServe {machine['torchserve']}, "
-            f"{machine['os']}{date}")
-
-
 def _setting(setting: dict[str, Any]) -> str:
     workers, threads = setting["workers"], setting.get("threads")  # runs before threads were set recorded none
     per_worker = f", {threads} torch thread{'' if threads == 1 else 's'} each" if threads else ""
     return f"{workers} worker{'' if workers == 1 else 's'} x batch {setting['batch_size']}{per_worker}"
 
 
-def target_name(row: dict[str, Any]) -> str:
-    name = TARGET_NAMES.get(row["target"], str(row["target"]))
-    setting = row.get("setting")
-    if row["target"] == "stock" and setting:
-        return f"{name}, best setting ({_setting(setting)})"
-    return name
+def stock_handler_of(result: dict[str, Any], row: dict[str, Any] | None = None) -> str | None:
+    """The stock handler a report's stock rows ran: as the row or the report recorded it (`make bench` records it
+    since it names baselines), else the one loadtest/stock.py maps the model to."""
+    recorded = (row or {}).get("stock_handler") or result.get("stock_handler")
+    if recorded:
+        return str(recorded)
+    return declared_stock_handler(result.get("model"))
+
+
+def stock_label(result: dict[str, Any], row: dict[str, Any] | None = None) -> str:
+    """"TorchServe stock handler `image_classifier`": the baseline named by the handler it ran."""
+    handler = stock_handler_of(result, row)
+    return TARGET_NAMES["stock"] + (f" {stock_name(handler)}" if handler else "")
+
+
+def target_name(row: dict[str, Any], result: dict[str, Any] | None = None) -> str:
+    if row["target"] == "stock":
+        name, setting = stock_label(result or {"model": None}, row), row.get("setting")
+        return f"{name}, best setting ({_setting(setting)})" if setting else name
+    return TARGET_NAMES.get(row["target"], str(row["target"]))
 
 
 def bench_markdown(result: dict[str, Any], source: str | None = None) -> str:
@@ -92,7 +96,7 @@ def bench_markdown(result: dict[str, Any], source: str | None = None) -> str:
         frontend, workers = server.get("frontend", {}), server.get("workers", {})
         rss = f"{_f(frontend.get('peak_rss_mb'), 0)} / {_f(workers.get('peak_rss_mb'), 0)}"
         lines.append(
-            f"| {target_name(row)} | {row['level']} | {_f(row['qps'])} "
+            f"| {target_name(row, result)} | {row['level']} | {_f(row['qps'])} "
             f"| {_f(latency['p50'])} | {_f(latency['p95'])} | {_f(latency['p99'])} | {row['success_rate']:.1%} "
             f"| {_x(row.get('qps_vs_tsforge'))} | {_x(row.get('p99_vs_tsforge'))} "
             f"| {_f(server.get('cpu_percent'), 0)} | {rss} |")
@@ -115,7 +119,7 @@ def stock_sweep_markdown(result: dict[str, Any]) -> list[str]:
     sweep = result.get("stock_sweep")
     if not sweep:
         return []
-    lines = ["", f"Stock handler settings tried at concurrency {sweep['level']} ({sweep['duration_s']:g} s each after "
+    lines = ["", f"{stock_label(result)} settings tried at concurrency {sweep['level']} ({sweep['duration_s']:g} s each after "
              f"{sweep['warmup_s']:g} s of load); the fastest serves the stock rows above:", "",
              "| workers x batch (torch threads each) | correct req/s | P99 ms | success |", "|---|---:|---:|---:|"]
     for entry in sweep["settings"]:
@@ -130,7 +134,12 @@ def stock_sweep_markdown(result: dict[str, Any]) -> list[str]:
 
 
 COMPARED = (("tsforge", "tsforge handler on TorchServe (as archived)"),
-            ("stock_best", "TorchServe stock handler at its best setting"), ("flask", "Flask, per-request fp32"))
+            ("stock_best", "{stock} at its best setting"), ("flask", "Flask, per-request fp32"))
+
+
+def compared_name(name: str, result: dict[str, Any], point: dict[str, Any]) -> str:
+    """A side-by-side row's name; the stock baseline's names the handler it ran."""
+    return name.format(stock=stock_label(result, point)) if "{stock}" in name else name
 
 
 def comparison_markdown(report: Report) -> list[str]:
@@ -147,7 +156,7 @@ def comparison_markdown(report: Report) -> list[str]:
         point = found.get(key)
         if not point:
             continue
-        setting = point.get("setting")
+        name, setting = compared_name(name, result, point), point.get("setting")
         if setting:
             name += f" ({_setting(setting)})"
         ratio = "1.00x" if key == "tsforge" else _x(found.get(f"vs_{key}"))
@@ -202,7 +211,7 @@ def bench_plot(result: dict[str, Any], path: Path) -> Path:
     for target in dict.fromkeys(r["target"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["target"] == target]
         axes.plot([r["qps"] for r in rows], [r["latency_ms"]["p99"] for r in rows], marker="o",
-                  label=TARGET_NAMES.get(target, target))
+                  label=stock_label(result) if target == "stock" else TARGET_NAMES.get(target, target))
         for r in rows:
             axes.annotate(f"c={r['level']}", (r["qps"], r["latency_ms"]["p99"]), fontsize=7,
                           textcoords="offset points", xytext=(4, 4))
@@ -277,7 +286,7 @@ def _baseline_goals(source: str, bench: dict[str, Any]) -> list[str]:
         theirs = found.get(key)
         if not theirs:
             continue
-        goal = f"{bench['model']}: tsforge >= {GOAL_RATIO:g}x {name} at concurrency {found['level']}, lower P99"
+        goal = f"{bench['model']}: tsforge >= {GOAL_RATIO:g}x {compared_name(name, bench, theirs)} at concurrency {found['level']}, lower P99"
         ratio = found.get(f"vs_{key}")
         if ratio is None:
             lines.append(f"| {goal} | the baseline gave no correct answer in the window | - | `{source}` |")
@@ -410,11 +419,13 @@ def read_reports(paths: list[Path]) -> list[Report]:
     return [(shown(p), json.loads(p.read_text())) for p in sorted(paths) if p.is_file()]
 
 
-def _plot_link(report: Report, page: Path) -> str:
-    """The report's throughput-vs-P99 plot, written beside its JSON, as the page links it."""
+def _plot_link(report: Report, page: Path, plots: Path | None = None) -> str:
+    """The report's throughput-vs-P99 plot, written beside its JSON (or into `plots`), as the page links it."""
     source, bench = report
     json_path = Path(source) if Path(source).is_absolute() else ROOT / source
-    plot = bench_plot(bench, json_path.with_suffix(".png"))
+    plots = plots or json_path.parent
+    plots.mkdir(parents=True, exist_ok=True)
+    plot = bench_plot(bench, plots / json_path.with_suffix(".png").name)
     return f"![{bench['model']}: throughput vs P99]({os.path.relpath(plot, page.parent)})  \n*Plot of `{source}`.*\n"
 
 
@@ -440,7 +451,7 @@ def benchmarks_page(args: argparse.Namespace, benches: list[Report], tunes: list
         parts.append(args.analysis.read_text())
     if benches:
         parts.append("## Side by side (`make bench`)\n")
-        parts += [bench_markdown(b, source) + "\n" + _plot_link((source, b), args.out) for source, b in benches]
+        parts += [bench_markdown(b, source) + "\n" + _plot_link((source, b), args.out, args.plots) for source, b in benches]
     if tunes:
         parts.append("## Tuned settings (`make tune`)\n")
         parts += [tune_markdown(t, source) for source, t in tunes]
@@ -448,9 +459,20 @@ def benchmarks_page(args: argparse.Namespace, benches: list[Report], tunes: list
     parts += [startup_markdown(r) for r in startups]
     if len(parts) == 1 + bool(args.status):
         parts.append("No committed data yet: run the commands above.\n")
-    if args.gpu.is_file():
-        parts.append(args.gpu.read_text())
+    parts.append(render_gpu.page(args.data))
     return "\n".join(parts)
+
+
+#: the note shown atop docs/benchmarks.md, kept with the data so that a render from DATA alone gives the same page
+STATUS_FILE = "benchmarks-status.txt"
+
+
+def status(data: Path, given: str) -> str:
+    """The page's status note: `given` is stored in DATA/STATUS_FILE; without one, the stored note."""
+    path = data / STATUS_FILE
+    if given.strip():
+        path.write_text(given.strip() + "\n")
+    return path.read_text().strip() if path.is_file() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,12 +485,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the page whose generated block gets the per-replica sizing")
     parser.add_argument("--reliability", type=Path, default=ROOT / "docs" / "reliability.md",
                         help="the page whose generated block gets DATA/reliability/*.json, soak.json, startup.json")
-    parser.add_argument("--status", default="", help="a note on where these numbers come from, shown at the top")
+    parser.add_argument("--status", default="", help="a note on where these numbers come from, shown at the top: "
+                        f"kept in DATA/{STATUS_FILE}, which later renders read (empty: keep the one there)")
     parser.add_argument("--analysis", type=Path, default=ROOT / "docs" / "benchmarks-analysis.md",
                         help="hand-written reading of the numbers, included after the goals")
-    parser.add_argument("--gpu", type=Path, default=ROOT / "docs" / "benchmarks-gpu.md",
-                        help="the GPU section, written from `make bench-gpu` on a GPU host, included at the end")
+    parser.add_argument("--gpu", type=Path, help="the GPU page, rendered from DATA/gpu-*.json and DATA/test-gpu.json "
+                        "and included at the end of --out (default: benchmarks-gpu.md beside --out)")
+    parser.add_argument("--plots", type=Path,
+                        help="where the bench plots go (default: beside each JSON); the page links them from there")
     args = parser.parse_args(argv)
+    args.gpu = args.gpu or args.out.with_name("benchmarks-gpu.md")
+    args.status = status(args.data, args.status)
     benches = read_reports(list(args.data.glob("bench-*.json")))
     tunes = read_reports(list(args.data.glob("tune-*.json")))
     fronts = read_reports(list(args.data.glob("front-cost*.json")))
@@ -476,10 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(benchmarks_page(args, benches, tunes, fronts, startups))
     render_scaling(args.scaling, benches, args.data)
-    from loadtest import render_reliability  # it imports machine_line from here
-
     render_reliability.render(args.reliability, args.data)
-    print(f"wrote {shown(args.out)}, {shown(args.scaling)} and {shown(args.reliability)} from "
+    render_gpu.render(args.gpu, args.data)
+    print(f"wrote {shown(args.out)}, {shown(args.scaling)}, {shown(args.reliability)} and {shown(args.gpu)} from "
           f"{len(benches) + len(tunes) + len(fronts)} file(s) in {shown(args.data)}")
     return 0
 

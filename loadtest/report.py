@@ -100,6 +100,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """The machine a report was measured on, as that report recorded it at run time."""
+    gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"
+    flags = machine.get("cpu_flags")
+    shown_flags = "" if flags is None else f" (CPU flags: {', '.join(flags) or 'none of the AVX2+ ones'})"
+    runtime = f", ONNX Runtime {machine['onnxruntime']}" if machine.get("onnxruntime") else ""
+    date = f"; {machine['date']}" if machine.get("date") else ""
+    return (f"{machine['cpu']}, {machine['cores']} cores{shown_flags}, {machine['memory_gb']} GiB{gpu}; "
+            f"Python {machine['python']}, torch {machine['torch']}{runtime}, TorchServe {machine['torchserve']}, "
+            f"{machine['os']}{date}")
+
+
 def latency_stats(latency_ms: list[float]) -> dict[str, float]:
     if not latency_ms:
         return {"mean": float("nan"), "p50": float("nan"), "p95": float("nan"), "p99": float("nan"),
@@ -138,8 +150,8 @@ BREAKDOWN_GAUGES = ("QueueTime", "WorkerThreadTime", "HandlerDecodeTime", "Handl
                     "HandlerEncodeTime", "HandlerBatchSize")
 #: the committed summaries are read by people in reviews and diffs: past this they are raw reports, not data
 DATA_LIMIT_BYTES = 64 * 1024
-_ROW_FIELDS = ("target", "level", "setting", "qps", "requests", "failures", "success_rate", "duration_s",
-               "qps_vs_tsforge", "p99_vs_tsforge")
+_ROW_FIELDS = ("target", "level", "setting", "stock_handler", "qps", "requests", "failures", "success_rate",
+               "duration_s", "qps_vs_tsforge", "p99_vs_tsforge")
 
 
 def data_dir(root: Path | None = None) -> Path:

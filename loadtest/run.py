@@ -86,6 +86,19 @@ def locust_latency(stats: dict[str, str]) -> dict[str, float]:
             "p99": num("99%"), "max": round(num("Max Response Time"), 2)}
 
 
+def locust_summary(locust: dict[str, Any], duration_s: float, common: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a locust run: its own request count, rate and percentiles, throughput of correct answers."""
+    stats = locust["stats"]
+    result = summary_from_locust(locust, duration_s)
+    summary = report.summarize(result, **common)
+    requests_done = int(stats["Request Count"])
+    ok = requests_done - result.failed
+    summary.update(requests=requests_done, success_rate=round(ok / requests_done, 4) if requests_done else 0.0,
+                   qps=round(float(stats["Requests/s"]) * ok / requests_done, 2) if requests_done else 0.0,
+                   latency_ms=locust_latency(stats), files={"csv": "locust_stats.csv", "html": "locust.html"})
+    return summary
+
+
 @contextlib.contextmanager
 def target(args: argparse.Namespace) -> Iterator[TorchServe]:
     if args.run_dir:
@@ -95,7 +108,7 @@ def target(args: argparse.Namespace) -> Iterator[TorchServe]:
         yield server
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits")
@@ -110,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mislabel-every", type=int, default=0,
                         help="canary: expect a wrong label for every N-th payload (those must count as failures)")
     parser.add_argument("--out", type=Path, help="default: reports/loadtest/MODEL-PROTOCOL")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     tool = ("locust" if locust_available() else "loadgen") if args.tool == "auto" else args.tool
     if tool == "locust":
         extras.need("locust", "loadtest", "--tool locust")  # `auto` falls back on loadgen without it
@@ -141,15 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               "target": target_name, "server": usage, "torchserve": metrics, "spawn_rate": args.spawn_rate,
               "payloads": len(cases)}
     if tool == "locust":
-        stats = locust["stats"]
-        result = summary_from_locust(locust, args.duration)
-        summary = report.summarize(result, **common)
-        requests_done = int(stats["Request Count"])
-        ok = requests_done - result.failed
-        summary.update(requests=requests_done, success_rate=round(ok / requests_done, 4) if requests_done else 0.0,
-                       qps=round(float(stats["Requests/s"]) * ok / requests_done, 2) if requests_done else 0.0,
-                       latency_ms=locust_latency(stats),
-                       files={"csv": "locust_stats.csv", "html": "locust.html"})
+        summary = locust_summary(locust, args.duration, common)
         rows = report.locust_timeline(out / "locust_stats_history.csv")
     else:
         summary = report.summarize(result, **common)

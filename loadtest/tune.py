@@ -185,7 +185,7 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits")
@@ -206,7 +206,66 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path,
                         help="the small summary to commit (make tune: docs/data/tune-NAME.json); default: beside "
                              "the raw report")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run_trials(args: argparse.Namespace, cases: list[Case], settings: list[Setting], base: dict[str, Any],
+               store: Path, deadline: float) -> list[dict[str, Any]]:
+    """Each setting packaged, registered and loaded in turn on one server, until the next would pass `deadline`
+    (time.monotonic()); the trials measured."""
+    trials: list[dict[str, Any]] = []
+    trial_cost = args.trial + 4.0  # packaging, registration and warm-up come on top of the measured time
+    with torchserve([], store=store, name=f"tune-{args.model}", overrides={"load_models": ""}) as server:
+        for index, setting in enumerate(settings):
+            if time.monotonic() + trial_cost > deadline:
+                break
+            step = time.monotonic()
+            register(server, args.model, package(args.model, setting, base, store, index), setting.workers)
+            if index == 0 and args.warmup > 0:  # once: the frontend's JIT outlives re-registrations
+                load(cases, args.users, args.warmup, url=f"{server.url('inference')}/predictions/{args.model}",
+                     warmup_s=0.0)
+                step += args.warmup  # a cost paid once, not per trial
+            trial = run_trial(server, args.model, cases, setting, args.users, args.trial, args.p99_ms)
+            trials.append(trial)
+            trial_cost = max(trial_cost, time.monotonic() - step)
+            (store / f"{args.model}-tune{index}.mar").unlink(missing_ok=True)
+            print(f"  [{index + 1}/{len(settings)}] {setting}: {trial['qps']:.1f} req/s, "
+                  f"P99 {trial['latency_ms']['p99']:.1f} ms, ok {trial['success_rate']:.1%}"
+                  f"{'' if trial['feasible'] else '  (misses the bound)'}", flush=True)
+    return trials
+
+
+def write_best(args: argparse.Namespace, best: dict[str, Any] | None, base: dict[str, Any], config_path: Path,
+               written: Path) -> None:
+    """The best setting as a model-config.yaml beside the report (and into config/models/ with --apply)."""
+    if not best:
+        return
+    best_setting = Setting(**best["setting"])
+    header = (f"# Tuned by `make tune` for P99 <= {args.p99_ms:g} ms at {args.users} users: "
+              f"{best['qps']} req/s, P99 {best['latency_ms']['p99']} ms.\n")
+    written.write_text(header + yaml.safe_dump(best_setting.apply(base), sort_keys=False))
+    if args.apply:
+        apply_to_config(config_path, best_setting)
+        print(f"applied to {config_path.relative_to(ROOT)}")
+
+
+def write_reports(args: argparse.Namespace, result: dict[str, Any], out: Path) -> None:
+    """tune.json, the committed summary, tune.md and the frontier plot."""
+    (out / "tune.json").write_text(json.dumps(result, indent=2) + "\n")
+    data = args.data or out / f"tune-{out.name}.json"
+    report.write_data(summary(result, out / "tune.json"), data)
+    from loadtest.render import tune_markdown
+
+    markdown = tune_markdown(result, report.shown(data))
+    (out / "tune.md").write_text(markdown)
+    frontier_plot(result["trials"], args.p99_ms, out / "frontier.png",
+                  f"{args.model}: throughput vs P99, {args.users} users")
+    print(markdown)
+    print(f"reports: {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.monotonic()
     out = args.out or ROOT / "reports" / "tune" / args.model
     out.mkdir(parents=True, exist_ok=True)
@@ -224,40 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     ceiling_cost = 2 * limit * len(ceiling_threads) + 5.0  # measured after the trials, within the budget
     print(f"tune {args.model}: {len(settings)} settings, P99 <= {args.p99_ms:g} ms at {args.users} users, "
           f"budget {args.budget:g} s", flush=True)
-    trials: list[dict[str, Any]] = []
-    trial_cost = args.trial + 4.0  # packaging, registration and warm-up come on top of the measured time
-    with torchserve([], store=store, name=f"tune-{args.model}", overrides={"load_models": ""}) as server:
-        for index, setting in enumerate(settings):
-            if time.monotonic() - started + trial_cost + ceiling_cost > args.budget:
-                break
-            step = time.monotonic()
-            register(server, args.model, package(args.model, setting, base, store, index), setting.workers)
-            if index == 0 and args.warmup > 0:  # once: the frontend's JIT outlives re-registrations
-                load(cases, args.users, args.warmup, url=f"{server.url('inference')}/predictions/{args.model}",
-                     warmup_s=0.0)
-                step += args.warmup  # a cost paid once, not per trial
-            trial = run_trial(server, args.model, cases, setting, args.users, args.trial, args.p99_ms)
-            trials.append(trial)
-            trial_cost = max(trial_cost, time.monotonic() - step)
-            (store / f"{args.model}-tune{index}.mar").unlink(missing_ok=True)
-            print(f"  [{index + 1}/{len(settings)}] {setting}: {trial['qps']:.1f} req/s, "
-                  f"P99 {trial['latency_ms']['p99']:.1f} ms, ok {trial['success_rate']:.1%}"
-                  f"{'' if trial['feasible'] else '  (misses the bound)'}", flush=True)
-    order = ranked(trials)
+    order = ranked(run_trials(args, cases, settings, base, store, started + args.budget - ceiling_cost))
     best = order[0] if order and order[0]["feasible"] else None
     # The ceiling at the best setting's batch size, measured once no server runs (as `make bench` does).
     batch = best["setting"]["batch_size"] if best else max(ints(args.batch_sizes))
     in_process = max((ceiling(mar, cases, batch, limit, t) for t in ceiling_threads),
                      key=lambda c: c.handler_items_per_s)
     written = out / "model-config.yaml"
-    if best:
-        best_setting = Setting(**best["setting"])
-        header = (f"# Tuned by `make tune` for P99 <= {args.p99_ms:g} ms at {args.users} users: "
-                  f"{best['qps']} req/s, P99 {best['latency_ms']['p99']} ms.\n")
-        written.write_text(header + yaml.safe_dump(best_setting.apply(base), sort_keys=False))
-        if args.apply:
-            apply_to_config(config_path, best_setting)
-            print(f"applied to {config_path.relative_to(ROOT)}")
+    write_best(args, best, base, config_path, written)
     result = {
         "model": args.model, "p99_ms": args.p99_ms, "users": args.users, "trial_s": args.trial,
         "warmup_s": args.warmup,
@@ -268,16 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": report.machine(), "wall_s": round(time.monotonic() - started, 1),
         "created": report.now(),
     }
-    (out / "tune.json").write_text(json.dumps(result, indent=2) + "\n")
-    data = args.data or out / f"tune-{out.name}.json"
-    report.write_data(summary(result, out / "tune.json"), data)
-    from loadtest.render import tune_markdown
-
-    markdown = tune_markdown(result, report.shown(data))
-    (out / "tune.md").write_text(markdown)
-    frontier_plot(order, args.p99_ms, out / "frontier.png", f"{args.model}: throughput vs P99, {args.users} users")
-    print(markdown)
-    print(f"reports: {out}")
+    write_reports(args, result, out)
     return 0 if best else 1
 
 

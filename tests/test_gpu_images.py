@@ -383,6 +383,7 @@ def test_the_handler_on_cuda_isolates_bad_items(small_archive: Path, lenient_hea
 
 # ---- the bench script ----------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_gpu_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     """`make bench-gpu`'s script on a tiny model: export reuse, archive, references, ceilings, a served level
     with client processes, the report. GPU sampling is empty here."""
@@ -404,9 +405,12 @@ def test_gpu_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert row["target"] == "tsforge" and row["level"] == 2 and row["requests"] > 0
     assert row["success_rate"] == 1.0 and row["client"]["processes"] == 2
     assert result["ceiling"]["model_b256_items_per_s"] > 0
-    assert (out / "gpu-bench.png").is_file() and "| tsforge | 2 |" in (out / "gpu-bench.md").read_text()
+    assert (out / "gpu-bench.png").is_file() and "| tsforge, as archived (" in (out / "gpu-bench.md").read_text()
+    data = json.loads((out / "gpu-digits_image.json").read_text())  # what docs/data keeps: the GPU page's shape
+    assert data["schema"] == "tsforge.gpu-bench/1" and data["rows"][0]["level"] == 2 and data["machine"]["torch"]
 
 
+@pytest.mark.slow  # builds the minilm archive
 def test_gpu_bench_serves_a_prebuilt_text_archive(tmp_path: Path) -> None:
     """The sentence-embedding path of the bench (`--mar`: an archive built elsewhere): sentence payloads with
     reference answers, the ceiling, and the stock handler skipped with the reason (TorchServe has none)."""

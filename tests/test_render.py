@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from loadtest import render, render_reliability, soak
+from loadtest import gpu_bench, render, render_gpu, render_reliability, soak
 from loadtest.bench import SCHEMA
 from tests.conftest import ROOT
 
@@ -112,13 +112,14 @@ def test_every_table_names_its_json_and_the_machine_comes_from_it(tree: Path) ->
 def test_the_side_by_side_shows_the_stock_handlers_best_setting_and_the_ratios(tree: Path) -> None:
     page, _ = rendered(tree)
     assert "### resnet18 side by side at concurrency 16 (one run)" in page
-    assert ("| TorchServe stock handler at its best setting (2 workers x batch 8) | 45.0 | 350.0 | 700.0 | 3.33x "
-            "| yes |") in page
+    assert ("| TorchServe stock handler `image_classifier` at its best setting (2 workers x batch 8) | 45.0 | 350.0 "
+            "| 700.0 | 3.33x | yes |") in page  # the handler: derived from the model where the JSON predates it
     assert "| Flask, per-request fp32 | 48.0 | 225.0 | 450.0 | 3.12x | yes |" in page
     assert "| in-process ceiling (decode + infer + encode, no server) | 140.0 items/s |" in page
-    assert "| TorchServe stock handler, best setting (2 workers x batch 8) | 16 | 45.0 |" in page
+    assert "| TorchServe stock handler `image_classifier`, best setting (2 workers x batch 8) | 16 | 45.0 |" in page
     assert "| 2 x 8 (best) | 44.0 | 690.0 | 100.0% |" in page and "| 2 x 1 | does not run: OOM |" in page
-    goal = "resnet18: tsforge >= 3x TorchServe stock handler at its best setting at concurrency 16, lower P99"
+    goal = ("resnet18: tsforge >= 3x TorchServe stock handler `image_classifier` at its best setting at concurrency "
+            "16, lower P99")
     assert f"| {goal} | 3.33x, P99 200.0 vs 700.0 ms | yes | `{tree / 'data' / 'bench-resnet18.json'}` |" in page
     assert "| 0.99 |" in page and "## The v2 front's cost" in page  # front-cost.json
     assert "| 1 | 2 | 8 | 5 | 1 | 3000.0 |" in page  # tune-digits.json
@@ -266,3 +267,119 @@ def test_the_committed_reliability_page_is_what_the_committed_data_renders(tmp_p
     shutil.copy(ROOT / "docs" / "reliability.md", tmp_path / "reliability.md")
     render_reliability.render(tmp_path / "reliability.md", ROOT / "docs" / "data")
     assert (tmp_path / "reliability.md").read_text() == (ROOT / "docs" / "reliability.md").read_text()
+
+
+# ---- every committed page is a render of docs/data --------------------------------------------------------------
+
+def fresh_render(tmp_path: Path) -> Path:
+    """docs/data rendered into tmp_path as `make benchmarks-doc` lays the pages out (the plots in tmp_path/data, so
+    the page links them as docs/benchmarks.md does), from another working directory; docs/ is not written."""
+    for page in ("scaling.md", "reliability.md"):
+        shutil.copy(ROOT / "docs" / page, tmp_path / page)
+    assert render.main(["--data", str(ROOT / "docs" / "data"), "--out", str(tmp_path / "benchmarks.md"),
+                        "--scaling", str(tmp_path / "scaling.md"), "--reliability", str(tmp_path / "reliability.md"),
+                        "--plots", str(tmp_path / "data")]) == 0
+    return tmp_path
+
+
+PAGES = ("benchmarks.md", "benchmarks-gpu.md", "scaling.md", "reliability.md")
+
+
+def test_every_rendered_page_equals_a_fresh_render_of_docs_data(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/benchmarks.md, docs/benchmarks-gpu.md and the generated blocks of docs/scaling.md and docs/reliability.md
+    are what docs/data renders: after a new run, `make benchmarks-doc`, and commit the data with the pages."""
+    committed = {page: (ROOT / "docs" / page).read_text() for page in PAGES}
+    monkeypatch.chdir(tmp_path)  # nothing depends on where it runs from
+    (tmp_path / "out").mkdir()
+    fresh = fresh_render(tmp_path / "out")
+    for page in PAGES:
+        assert (fresh / page).read_text() == committed[page], (
+            f"docs/{page} differs from a render of docs/data: run `make benchmarks-doc`")
+        assert (ROOT / "docs" / page).read_text() == committed[page]  # the check rewrote no committed page
+    assert committed["benchmarks-gpu.md"] in committed["benchmarks.md"]  # the GPU page, included whole
+
+
+def test_rendering_depends_on_the_data_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two renders of the same data at different times, time zones and working directories give the same pages."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fresh_render(tmp_path / "a")
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")
+    monkeypatch.chdir(tmp_path / "b")
+    fresh_render(tmp_path / "b")
+    for page in PAGES:
+        assert (tmp_path / "a" / page).read_text() == (tmp_path / "b" / page).read_text(), page
+
+
+def test_every_baseline_row_names_the_stock_handler_it_ran(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    named = ("`object_detector`", "`image_segmenter`", "`image_classifier`", "(the text classifier example, ")
+    lines = [line for line in page.splitlines() if "TorchServe stock handler" in line and "|" in line]
+    assert lines and all(any(name in line for name in named) for line in lines), [
+        line for line in lines if not any(name in line for name in named)]
+    for name, model in zip(named, ("detector", "segmenter", "resnet18", "sentiment"), strict=True):
+        assert f"| {model}: tsforge >= 3x TorchServe stock handler {name}" in page
+    # what the bench recorded wins over what the model maps to
+    summary = bench_summary()
+    for row in summary["rows"]:
+        if row["target"] == "stock":
+            row["stock_handler"] = "recorded_handler"
+    assert "TorchServe stock handler `recorded_handler`, best setting" in render.bench_markdown(summary)
+
+
+# ---- the GPU page ------------------------------------------------------------------------------------------------
+
+def test_every_gpu_figure_names_its_torch_and_gpu_and_nothing_missing_is_invented() -> None:
+    page = render_gpu.page(ROOT / "docs" / "data")
+    sections = page.split("\n### ")[1:]
+    assert len(sections) == len(list((ROOT / "docs" / "data").glob("gpu-*.json"))) + 1  # + make test-gpu
+    for section in sections:
+        title = section.splitlines()[0]
+        assert " on NVIDIA H200, torch " in title, title
+    resnet = next(s for s in sections if s.startswith("resnet50 on"))
+    assert resnet.startswith("resnet50 on NVIDIA H200, torch 2.11.0+cu130")
+    assert "| tsforge, as archived | 256 | 8,843 | 28.8 | 37.0 | 100% | 84.9 | 86 | 779 |" in resnet
+    assert "| stock `image_classifier` (4 workers x 32, 10 ms, fp32, Pillow) | 16 | 70 | 119 | 5,258 |" in resnet
+    assert ">= 100x the stock handler at 256: met (691x)" in resnet
+    minilm = next(s for s in sections if s.startswith("minilm on"))
+    assert minilm.startswith("minilm on NVIDIA H200, torch not recorded")  # the page never said which torch
+    assert "run not recorded" in minilm and "client processes: not recorded" in minilm
+
+
+def test_a_gpu_bench_run_writes_what_the_gpu_page_renders(tmp_path: Path) -> None:
+    """gpu_bench's committed summary has the shape of the transcribed runs: a new run re-renders the page."""
+    row = {"target": "tsforge", "level": 16, "qps": 1200.5, "requests": 18000, "failures": 0, "success_rate": 1.0,
+           "latency_ms": {"mean": 12.0, "p50": 11.5, "p95": 15.0, "p99": 17.4, "max": 30.0},
+           "gpu": {"util_percent_mean": 11.0, "util_percent_max": 20.0, "memory_used_mib_max": 9000.0,
+                   "samples": 30}, "client": {"cpu_percent": 14.0, "processes": 8},
+           "server": {"cpu_percent": 81.0, "cores": 16}, "torchserve": {"bulk": True}}
+    stock = {**row, "target": "stock", "qps": 60.0, "stock_handler": "image_classifier"}
+    result = {"model": "resnet50", "unit": "img", "created": "2026-12-01T00:00:00+00:00",
+              "command": "python -m loadtest.gpu_bench --levels 16", "machine": {**MACHINE, "gpu": "Fixture GPU",
+                                                                               "torchvision": "0.29.1"},
+              "archive_config": {"maxWorkers": 8, "batchSize": 32, "maxBatchDelay": 5},
+              "handler_config": {"precision": "fp16"}, "levels": [16], "duration_s": 15.0, "warmup_s": 8.0,
+              "clients": 8, "gpu_sample_interval_s": 0.5,
+              "stock": {"handler": "image_classifier", "config": {"maxWorkers": 4, "batchSize": 32,
+                                                                  "maxBatchDelay": 10},
+                        **gpu_bench.STOCK_FACTS, "duration_s": 15.0, "warmup_s": 5.0},
+              "payloads": {"count": 32, "kinds": ["image/jpeg"], "mean_bytes": 61000,
+                           "description": gpu_bench.PAYLOADS["img"]},
+              "ceiling": {"batch_size": 32, "handler_b32_items_per_s": 5000.0, "handler_items_per_s": 5000.0},
+              "parity": {"served": {"cases": 32, "top1_label_agreement": 1.0}}, "notes": [], "gpu_scaling": {},
+              "wall_s": 100.0, "rows": [row, stock], "ratios": {16: 20.0},
+              "gpu_memory_per_process_mib": {"tsforge": {"start_mib": {11: 1170.0, 12: 1176.0},
+                                                         "end_mib": {11: 1176.0, 12: 1182.0}}}}
+    data = gpu_bench.data_summary(result, tmp_path / "gpu-bench.json")
+    transcribed = json.loads((ROOT / "docs" / "data" / "gpu-resnet50.json").read_text())
+    assert set(data) - {"raw_report", "gpu_scaling", "wall_s"} == set(transcribed)  # one shape, old runs and new
+    assert set(data["rows"][0]) >= set(transcribed["rows"][0]) and "torchserve" not in data["rows"][0]
+    assert data["gpu_memory_per_worker_mib"] == {"tsforge": {"after_warmup": [1170.0, 1176.0],
+                                                             "after_run": [1176.0, 1182.0]}}
+    (tmp_path / "gpu-resnet50.json").write_text(json.dumps(data))
+    page = render_gpu.page(tmp_path)
+    assert "### resnet50 on Fixture GPU, torch 2.14.1 (" in page and "; run 2026-11-27" in page
+    assert "| tsforge, as archived (8 workers x 32, 5 ms, fp16) | 16 | 1,200.5 | 11.5 | 17.4 |" in page
+    assert "| stock `image_classifier` (4 workers x 32, 10 ms, fp32, Pillow) | 16 | 60.0 |" in page
+    assert "tsforge / stock in the same run: 20.0x at concurrency 16." in page
