@@ -11,10 +11,10 @@ STORE   ?= model_store
 REPORTS ?= reports
 MODEL   ?= digits# the model that serve and predict use
 MODELS  ?= $(MODEL)# the models that export and archive build: by default what serve serves
-# The exports beside fp32 TorchScript (tsforge/packaging/wanted.py): quick (every declared variant but AOTInductor, whose C++
+# The exports beside fp32 TorchScript (export/wanted.py): quick (every declared variant but AOTInductor, whose C++
 # compile takes 30-46 s a model), all, none, or names (int8,onnx,onnx-int8,aotinductor). The suite's targets build
 # all: its tests serve every variant.
-SUITE_GOALS := test test-isa package reliability-data
+SUITE_GOALS := test test-fast test-isa package reliability-data
 VARIANTS ?= $(if $(filter $(SUITE_GOALS),$(MAKECMDGOALS)),all,quick)
 PROFILE ?= dev# configuration profile: dev (config/config.properties)
 CONFIG  := $(if $(filter dev,$(PROFILE)),config/config.properties,config/$(PROFILE).properties)
@@ -96,22 +96,41 @@ predict: | $(INSTALLED) ## Send MODEL's example inputs to the running server and
 grpc: | $(INSTALLED) ## Generate gRPC stubs from the protos inside TorchServe's frontend jar (build/grpc)
 	$(PY) -m tsforge grpc-stubs
 
-test: $(ARCHIVES) | $(DEV_INSTALLED) ## Run the test suite (builds what it needs first)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Two tiers (pyproject.toml's markers; tests/tiers.py fails an unmarked test that starts a server):
+#   fast   no server, no Java, no whole-model export: minutes, for every change (test-fast)
+#   full   the fast tier, then every test that serves (integration) or exports a whole model (slow) (test)
+FAST_TIER := not integration and not slow
+# what the fast tier reads: the default model and the image classifier whose archive the decode tests unpack
+FAST_ARCHIVES := $(STORE)/digits.mar $(STORE)/resnet18.mar
+# every archive the suite serves, built before pytest starts: its test processes then only read the store
+SUITE_ARCHIVES := $(FAST_ARCHIVES) $(foreach m,digits_image digits_tensor minilm sentiment segmenter detector,$(STORE)/$(m).mar)
+# the second tier runs its test files in TEST_WORKERS processes (pytest-xdist, a file's tests in one process):
+# most of its time is spent waiting on servers' start and answers, so two processes keep both cores busy; the tests
+# that bound a latency (`alone`) run after them, by themselves
+TEST_WORKERS ?= 2
+
+.PHONY: test-fast
+test-fast: $(FAST_ARCHIVES) | $(DEV_INSTALLED) ## The fast tier: no server, no Java, no whole-model export (minutes)
+	$(PY) -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
+
+test: $(ARCHIVES) $(SUITE_ARCHIVES) | $(DEV_INSTALLED) ## The whole suite: the fast tier first, then what serves or exports (builds what it needs)
+	$(PY) -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not ($(FAST_TIER)) and not alone" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -m "alone" $(PYTEST_ARGS)
 
 # The suite as an older CPU runs it, on whatever CPU this is: PyTorch's kernels capped by ATEN_CPU_CAPABILITY,
 # oneDNN's by ONEDNN_MAX_CPU_ISA; ONNX Runtime has no such switch, so its int8 path runs under an emulated AVX2 CPU
 # without AVX-512/VNNI (tests/test_emulated_cpu.py, QEMU user mode: Debian's qemu-user), required here, not skipped.
-# The first run is the whole suite (20+ min on 2 cores); the second and third, with ATen at its scalar `default`,
-# keep to the unit tests (test_autoselect, test_emulated_cpu among them) and the served-variant tests (ISA_TESTS),
+# The first run is the whole suite; the second and third, with ATen at its scalar `default`,
+# keep to the fast tier (test_autoselect, test_emulated_cpu among them) and the served-variant tests (ISA_TESTS),
 # where the instruction set decides something, to bound the time.
 ISA_TESTS ?= tests/test_variants.py tests/test_image_serving.py tests/test_accuracy_gate.py
 
 .PHONY: test-isa
-test-isa: $(ARCHIVES) | $(DEV_INSTALLED) ## The suite under capped ISAs: all at ATen+oneDNN AVX2; unit + ISA_TESTS at ATen default, oneDNN AVX2; ONNX Runtime int8 on an emulated AVX2 CPU (qemu-user)
+test-isa: $(ARCHIVES) | $(DEV_INSTALLED) ## The suite under capped ISAs: all at ATen+oneDNN AVX2; the fast tier + ISA_TESTS at ATen default, oneDNN AVX2; ONNX Runtime int8 on an emulated AVX2 CPU (qemu-user)
 	@command -v qemu-x86_64 >/dev/null || { echo "test-isa needs qemu-x86_64 for ONNX Runtime's int8 path (Debian: apt-get install -y qemu-user)"; exit 2; }
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest $(PYTEST_ARGS)
-	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m integration $(ISA_TESTS) $(PYTEST_ARGS)
 
 lint: | $(DEV_INSTALLED) ## ruff and mypy
@@ -239,13 +258,14 @@ bench-gpu: ## GPU: tsforge vs stock handler vs in-process ceiling, GPU use sampl
 	$(GPU_PY) -m tsforge bench-gpu --model $(GPU_MODEL) --levels $(GPU_LEVELS) --duration $(GPU_DURATION) \
 		--out $(REPORTS)/gpu-bench $(GPU_BENCH_ARGS)
 
-# `make test-gpu` gathers what a GPU host lacks (TorchServe + Java, wheels, data in place of scikit-learn) into one
-# git-ignored folder of at most 64 MiB and prints the one device-tool call that runs, there, the CUDA tests and a
-# served smoke test of every example model (loadtest/gpu_smoke.py; `--allow-cpu` runs the same steps without CUDA).
+# `make test-gpu` gathers what a GPU host lacks (TorchServe + Java, wheels, MiniLM's weights, data in place of
+# scikit-learn) into git-ignored folders of at most 64 MiB each and prints the device-tool calls: two that stage the
+# weights' parts there, then the one that runs the CUDA tests and a served smoke test of every example model
+# (loadtest/gpu_smoke.py; `--allow-cpu` runs the same steps without CUDA).
 GPU_CARRY ?= $(BUILD)/gpu-carry
 
 .PHONY: test-gpu
-test-gpu: | $(INSTALLED) ## GPU: prepare the carry folder (GPU_CARRY) and print the device call: CUDA tests + every model served -> test-gpu.json
+test-gpu: | $(INSTALLED) ## GPU: prepare the carry folder (GPU_CARRY) and print the device calls: CUDA tests + every model served -> test-gpu.json
 	$(PY) -m loadtest.gpu_smoke prepare --carry $(GPU_CARRY)
 
 # ---- KServe bundle, CI packaging ----

@@ -116,6 +116,10 @@ def candidates(settings: Settings, caps: Capabilities, artefacts: Artefacts) -> 
 def _fusions(settings: Settings, caps: Capabilities, backend: str, precision: str) -> list[bool]:
     if backend != "torchscript" or precision == "int8" or caps.device != "cpu":
         return [False]
+    if settings.cast == "autocast" and precision != "fp32":
+        # oneDNN's graph fuser does not follow the casts autocast inserts: once fused, the program fails at its
+        # next call (a float64 constant met a bf16 operand), so reduced precision under autocast runs unfused
+        return [False]
     return [False, True] if settings.fusion == AUTO else [settings.fusion == "true"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from export.models.digits import load_split
 from handlers import runtimes
 from tsforge.serving.server import TorchServe, free_port_overrides, model_args
 
+#: the tier check (unmarked tests start no server) and pytester, with which test_tiers runs it
+pytest_plugins = ["tests.tiers", "pytester"]
+
 ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "model_store"
 BUILD = ROOT / "build"
@@ -28,8 +32,12 @@ StartServer = Callable[..., TorchServe]
 
 
 def built_archive(name: str) -> Path:
-    """The archive for `name`, (re)built through the Makefile so tests use what users get."""
-    subprocess.run(["make", "-s", f"model_store/{name}.mar", f"MODELS={name}"], cwd=ROOT, check=True)
+    """The archive for `name`, (re)built through the Makefile so tests use what users get. One build at a time:
+    the suite's test processes (pytest-xdist) share the build folder and the store."""
+    BUILD.mkdir(exist_ok=True)
+    with (BUILD / ".suite-build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(["make", "-s", f"model_store/{name}.mar", f"MODELS={name}"], cwd=ROOT, check=True)
     return STORE / f"{name}.mar"
 
 
@@ -71,7 +79,7 @@ def session_choice_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 @pytest.fixture(scope="session", autouse=True)
 def every_variant() -> Iterator[None]:
     """The suite serves and checks every variant a model declares: each `make` it runs (built_archive, bench, ...)
-    builds them all (`VARIANTS=all`; `make archive` alone leaves AOTInductor out, tsforge/packaging/wanted.py)."""
+    builds them all (`VARIANTS=all`; `make archive` alone leaves AOTInductor out, export/wanted.py)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VARIANTS", "all")
         yield

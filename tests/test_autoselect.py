@@ -13,7 +13,7 @@ import torch
 from handlers import autoselect
 from handlers.accuracy import AccuracyRefused, Verdict
 from handlers.autoselect import Settings, Trial, candidates, choose, only, pick, ranked, run_trials
-from handlers.capabilities import Capabilities, capped_flags, cpu_capabilities
+from handlers.capabilities import Capabilities, capped_flags, cpu_capabilities, this_cpu
 from handlers.runtimes import Artefacts, Variant, VariantUnavailable, load
 
 # torch.cpu.get_capabilities() as three kinds of machine report it (only the flags that matter here)
@@ -317,3 +317,30 @@ def test_untimed_candidates_that_fail_to_load_are_skipped() -> None:
     assert broken.runner is None and broken.seconds is None
     assert broken.error == "_BackendOwnError: cannot create the session"
     assert choose([broken, reference], Settings(), None, 0).variant == autoselect.REFERENCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["sentiment", "minilm"])
+def test_every_variant_auto_offers_a_text_model_runs_on_this_cpu(model: str) -> None:
+    """A variant `auto` may time must run where it is offered: bf16+fusion under autocast failed once fused
+    on an AMX CPU ("expected m1 and m2 to have the same dtype, but got: double != c10::BFloat16")."""
+    import yaml
+
+    from tests.conftest import BUILD, ROOT, built_archive
+
+    built_archive(model)
+    handler = yaml.safe_load((ROOT / "config" / "models" / f"{model}.yaml").read_text()).get("handler") or {}
+    settings = Settings.from_config(handler, tolerance=0.05)
+    artefacts = Artefacts.read(BUILD / model, f"{model}.pt")
+    ids = torch.randint(1000, 2000, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0  # one padded row, as a batch of texts of different lengths has
+    failed = {}
+    for variant in candidates(settings, this_cpu(), artefacts):
+        try:
+            run = load(variant, artefacts, torch.device("cpu"), cast=settings.cast)
+            for _ in range(3):  # TorchScript's profiling executor fuses on a later call, not the first
+                assert torch.isfinite(run(ids, mask)).all()
+        except Exception as error:  # every failure is reported, with its variant
+            failed[variant.name] = str(error).splitlines()[-1][:200]
+    assert not failed, failed

@@ -34,6 +34,9 @@ from tests.test_new import tsforge
 from tsforge.packaging import archive
 from tsforge.serving.server import TorchServe
 
+#: whole models exported, trained or served from their own archives: `make test` runs these, test-fast does not
+pytestmark = pytest.mark.slow
+
 MODEL = "detector"
 #: box corners in pixels, scores: the handler resizes [0, 1] floats before the model normalises them, eager after;
 #: the rounding of the two orders differs by ~1e-7, and the handler rounds boxes to 0.01 px

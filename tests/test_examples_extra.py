@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from export.models.resnet import jpeg, sample_photos
 from tests.conftest import ROOT
 
@@ -43,6 +45,7 @@ def test_without_scikit_learn_new_names_the_extra_and_examples(tmp_path: Path) -
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.slow
 def test_without_scikit_learn_new_and_export_take_the_users_images(tmp_path: Path) -> None:
     (tmp_path / "net.py").write_text(FACTORY)
     photos = sample_photos()  # here, with scikit-learn: the test's own images

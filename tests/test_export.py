@@ -13,6 +13,7 @@ from export.models import digits
 from export.spec import ExportError, ModelSpec, PreparedModel
 
 
+@pytest.mark.slow
 def test_digits_export_records_parity_and_accuracy(tmp_path: Path) -> None:
     report = export_model(digits.SPEC, tmp_path)
     written = json.loads((tmp_path / "export.json").read_text())
@@ -24,6 +25,7 @@ def test_digits_export_records_parity_and_accuracy(tmp_path: Path) -> None:
     assert traced(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_export_is_deterministic(tmp_path: Path) -> None:
     export_model(digits.SPEC, tmp_path / "a")
     export_model(digits.SPEC, tmp_path / "b")

@@ -28,6 +28,8 @@ from tsforge.serving import frontproc
 from tsforge.serving.front_rest import MAX_REQUEST_SIZE, error_message
 from tsforge.serving.server import KEY_FILE, TorchServe
 
+pytestmark = pytest.mark.integration  # every test here serves through a real TorchServe
+
 MODELS = ["digits", "digits_image", "digits_tensor", "resnet18", "minilm"]
 PROD_CONFIG = ROOT / "config" / "prod.properties"
 

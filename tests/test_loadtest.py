@@ -57,6 +57,7 @@ def test_digits_payloads_are_varied_and_every_reference_is_the_true_label(digits
     assert sum(truth) >= len(truth) - 2
 
 
+@pytest.mark.integration
 def test_make_loadtest_rest_writes_locust_reports_and_counts_wrong_answers(tmp_path: Path) -> None:
     summary = make_loadtest(tmp_path, "LOADTEST_ARGS=--mislabel-every 4")
     out = tmp_path / "loadtest" / "digits-rest"
@@ -76,12 +77,14 @@ def test_make_loadtest_rest_writes_locust_reports_and_counts_wrong_answers(tmp_p
     assert summary["torchserve"]["requests"] >= summary["requests"]
 
 
+@pytest.mark.integration
 def test_make_loadtest_grpc_uses_torchserves_proto_and_all_answers_are_right(tmp_path: Path) -> None:
     summary = make_loadtest(tmp_path, "PROTOCOL=grpc")
     assert summary["protocol"] == "grpc" and summary["target"].startswith("grpc:")
     assert summary["requests"] > 20 and summary["success_rate"] == 1.0, summary["failure_reasons"]
 
 
+@pytest.mark.integration
 def test_a_server_with_wrong_labels_gets_no_successes(tmp_path: Path, start_server: StartServer,
                                                       digits_cases) -> None:
     from tsforge.packaging import archive
@@ -117,6 +120,7 @@ def test_tuned_setting_is_written_into_a_model_config_keeping_comments(tmp_path:
     assert "# ms to wait for a batch to fill" in config.read_text()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
 def test_loadgen_gets_only_right_answers_over_rest_and_grpc(digits_server, digits_cases, protocol: str) -> None:
     if protocol == "rest":

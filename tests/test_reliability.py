@@ -34,7 +34,8 @@ from tsforge.packaging import archive
 from tsforge.serving import procgroup
 from tsforge.serving.server import TorchServe
 
-pytestmark = pytest.mark.integration
+#: latency bounds under faults and floods: measured with no other test beside them (`alone`)
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 FAULT_HANDLER = "tests/fault_handler.py"
 FIGURES = ROOT / "reports" / "reliability"  # the default; TSFORGE_RELIABILITY_DATA overrides it (figures_dir)

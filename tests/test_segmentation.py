@@ -36,6 +36,9 @@ from tests.test_images import bomb_png, with_orientation
 from tsforge.packaging import archive
 from tsforge.serving.server import TorchServe
 
+#: whole models exported, trained or served from their own archives: `make test` runs these, test-fast does not
+pytestmark = pytest.mark.slow
+
 #: pixels whose class may differ between two runs of the same fp32 model (oneDNN fusion, batch composition and
 #: memory layout change the rounding; random weights leave a few pixels within 1e-5 of a tie)
 AGREEMENT = 0.999

@@ -36,6 +36,9 @@ from tests.test_detection import assert_same_detections, eager_answer
 from tests.test_segmentation import AGREEMENT, agreement
 from tests.test_segmentation import answers as segmentation_answers
 
+#: whole models exported, trained or served from their own archives: `make test` runs these, test-fast does not
+pytestmark = pytest.mark.slow
+
 HEAVY = pytest.mark.skipif(not os.environ.get("TSFORGE_HEAVY_TESTS"),
                            reason="800 x 1333 ResNet-50 detector, ~6 min on 2 cores: TSFORGE_HEAVY_TESTS=1 runs it")
 

@@ -25,6 +25,9 @@ from loadtest.serving import selection
 from tests.conftest import StartServer, built_archive
 from tsforge.serving.server import TorchServe
 
+#: whole models exported, trained or served from their own archives: `make test` runs these, test-fast does not
+pytestmark = pytest.mark.slow
+
 MODEL = "minilm"
 LONG = " ".join(["The quick brown fox jumps over the lazy dog near the riverbank."] * 40)  # > 256 tokens
 SENTENCES = [
