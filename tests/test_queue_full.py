@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from tsforge.serving import jobqueue
+from tsforge.serving.server import free_port
 
 SIZE = 16  # the job queue the stub's TorchServe was given
 MODEL = "digits"
@@ -156,12 +156,6 @@ def test_rest_binary_extension_names_the_full_queue(request: pytest.FixtureReque
 
     answer = asyncio.run(run())
     assert (answer.status_code, answer.json()) == (503, {"error": EXPECTED}), answer.text
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_grpc_names_the_full_queue_as_unavailable(request: pytest.FixtureRequest) -> None:
