@@ -274,7 +274,7 @@ def test_v2_infer_returns_boxes_scores_labels_and_image_index(server: TorchServe
     flat = expected[0] + expected[1]
     assert np.allclose(boxes, [d["box"] for d in flat], atol=0.01)
     assert outputs["labels"]["data"] == [d["label"] for d in flat]
-    assert np.allclose(outputs["scores"]["data"], [d["score"] for d in flat], atol=1e-5)
+    assert np.allclose(outputs["scores"]["data"], [d["score"] for d in flat], atol=SCORE_TOLERANCE)
     bad = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(b"nope")]}]}
     refused = requests.post(f"{server.url('inference')}/v2/models/{MODEL}/infer", json=bad, timeout=120)
     assert refused.status_code == 400 and "not an image" in refused.text
